@@ -1,0 +1,95 @@
+"""Run the benchmarks and write JSON results: ``python -m benchmarks.run [--quick] [--only NAME]``.
+
+Every case runs its measurements in fresh processes, one at a time, and reports ratios of
+timings taken in the same run (machines are noisy; absolute seconds are kept for context).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _child(fn, args, kwargs, queue):
+    try:
+        queue.put(("ok", fn(*args, **kwargs)))
+    except BaseException as exc:  # reported in the parent
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def isolated(fn, *args, **kwargs):
+    """Call ``fn`` in a fresh process (spawned: no inherited thread pools or heap)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, kwargs, queue))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(value)
+    return value
+
+
+def machine() -> dict:
+    import os
+
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+
+
+def extract_suite(quick: bool) -> dict:
+    from . import bench_extract as b
+
+    n = 1000 if quick else 4000
+    cases = {
+        "overhead_96px": lambda: b.case_overhead(isolated, n, 96),
+        "overhead_224px": lambda: b.case_overhead(isolated, n // 4, 224),
+        "one_pass_vs_per_layer": lambda: b.case_one_pass(isolated, n // 2, 96),
+        "cache_hit_vs_cold": lambda: b.case_cache_hit(isolated, n, 96),
+        "peak_memory": lambda: b.case_memory(isolated, (n // 2, 4 * n), 64),
+        "cpu_settings_96px": lambda: b.case_cpu(isolated, n // 2, 96),
+        "cpu_settings_224px": lambda: b.case_cpu(isolated, n // 8, 224),
+    }
+    return cases
+
+
+SUITES = {"extract": extract_suite}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="Smaller inputs (a smoke run, noisier).")
+    parser.add_argument("--only", action="append", help="Run only these cases (repeatable).")
+    parser.add_argument("--suite", choices=sorted(SUITES), action="append", help="Suites to run (default all).")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(exist_ok=True)
+    for suite in args.suite or sorted(SUITES):
+        path = RESULTS / f"{suite}.json"
+        results = json.loads(path.read_text()) if path.exists() and args.only else {}
+        results["machine"] = machine()
+        for name, case in SUITES[suite](args.quick).items():
+            if args.only and name not in args.only:
+                continue
+            t0 = time.perf_counter()
+            print(f"[{suite}] {name} ...", file=sys.stderr, flush=True)
+            results[name] = {**case(), "bench_seconds": round(time.perf_counter() - t0, 1),
+                             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "quick": args.quick}
+            path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+            summary = {k: v for k, v in results[name].items() if k in ("ratio", "speedup", "memory_ratio",
+                                                                          "relative_to_defaults")}
+            print(f"[{suite}] {name}: {json.dumps(summary)}", file=sys.stderr, flush=True)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

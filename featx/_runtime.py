@@ -1,0 +1,136 @@
+"""Process-level performance settings: device, CPU threads, allocator.
+
+Measured on a 2-core machine (see ``benchmarks/``): intra-op threads must never exceed
+the cores left over by DataLoader workers and BLAS pools (oversubscribed OpenMP threads
+spin-wait and collapse 10-30x), and glibc's habit of returning freed activation buffers to
+the kernel and faulting them back in costs about half of a CPU forward pass. Users get the
+fast settings without having to know about them; ``FEATX_MALLOC_TUNING=0`` opts out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MALLOC_LIMIT = 2**31 - 1  # mallopt() takes an int
+_malloc_tuned = False
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects taskset/cgroup affinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def tune_malloc() -> bool:
+    """Keep freed buffers in the heap instead of unmapping them (glibc only).
+
+    Equivalent to starting the process with ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` set large. Returns True when the settings are active.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return True
+    if os.environ.get("FEATX_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, _MALLOC_LIMIT) == 1
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MALLOC_LIMIT) == 1 and ok
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    _malloc_tuned = ok
+    log.debug("glibc malloc tuning %s", "active" if ok else "refused")
+    return ok
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the forward pass runs and how."""
+
+    torch_device: torch.device
+    autocast_dtype: torch.dtype | None  # None: full float32
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.torch_device.type == "cuda"
+
+    @property
+    def precision(self) -> str:
+        """Name of the compute precision; part of the cache key because it changes features."""
+        if self.autocast_dtype is None:
+            return "float32"
+        return {torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.autocast_dtype]
+
+
+def resolve_device(spec: str = "auto", precision: str = "auto") -> Device:
+    """Turn ``auto|cpu|cuda|cuda:N`` and ``auto|float32|bfloat16|float16`` into a Device."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec != "cpu" and not spec.startswith("cuda"):
+        raise UsageError(f"Unknown device {spec!r}. Valid devices: auto, cpu, cuda, cuda:N.")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"Device {spec!r} was requested but CUDA is not available on this machine; "
+                "use --device cpu (or auto)."
+            )
+        try:
+            dev = torch.device(spec)
+        except RuntimeError as exc:
+            raise UsageError(f"Invalid CUDA device {spec!r}: {exc}") from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"Device {spec!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)."
+            )
+    else:
+        dev = torch.device("cpu")
+
+    precision = (precision or "auto").lower()
+    valid = ("auto", "float32", "bfloat16", "float16")
+    if precision not in valid:
+        raise UsageError(f"Unknown precision {precision!r}. Valid: {', '.join(valid)}.")
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            precision = "float32"
+    if dev.type == "cpu" and precision == "float16":
+        raise UsageError("float16 autocast is only supported on CUDA; use float32 or bfloat16 on CPU.")
+    amp = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+    return Device(dev, amp)
+
+
+def plan_cpu_threads(workers: int) -> int:
+    """Intra-op threads for the main process given ``workers`` DataLoader processes."""
+    cores = available_cores()
+    return max(1, cores - max(0, workers - 1)) if workers else cores
+
+
+def configure_threads(threads: int) -> None:
+    """Set torch's intra-op pool; inter-op work is not used by a plain forward pass."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already initialised by an earlier parallel call
+        pass

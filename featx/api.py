@@ -1,0 +1,44 @@
+"""The Python API: the same verbs as the command line."""
+
+from __future__ import annotations
+
+import os
+
+from .backbones.ladder import Ladder, trace_ladder
+from .backbones.registry import DEFAULT_MODEL, ModelListing, build_model, describe_model, list_models, parse_model
+from .cache.entry import FeatureEntry, Features
+from .cache.store import CacheStore
+from .extraction import extract
+
+__all__ = ["extract", "load_features", "layers", "models", "open_entry"]
+
+
+def open_entry(entry, cache_dir: str | os.PathLike | None = None) -> FeatureEntry:
+    """A cache entry from an entry object, a path, a file name or a key prefix."""
+    return CacheStore(cache_dir).resolve(entry)
+
+
+def load_features(entry, layer: str, *, cache_dir: str | os.PathLike | None = None,
+                  include_bad: bool = False) -> Features:
+    """float32 features X, labels y, ids and split of one cached layer (unreadable images dropped)."""
+    return open_entry(entry, cache_dir).load(layer, include_bad=include_bad)
+
+
+def layers(model: str = DEFAULT_MODEL, *, image_size: int | None = None, arch: str | None = None) -> Ladder:
+    """The layer ladder of ``model``: every tappable block with its depth, shape and pooled width.
+
+    The ladder depends on the architecture and input size only, so it is traced on a randomly
+    initialised copy: nothing is downloaded.
+    """
+    spec = parse_model(model, arch=arch)
+    if spec.source != "finetuned":
+        spec = parse_model(model, weights="none", arch=arch) if not model.startswith("file:") else \
+            parse_model(arch, weights="none")
+    info = describe_model(spec)
+    pre = info.preprocessing.override(image_size)
+    return trace_ladder(build_model(info, image_size=pre.crop_size), pre.crop_size)
+
+
+def models(pattern: str | None = None) -> list[ModelListing]:
+    """Models featx can load, filtered by a glob such as ``'timm:*convnext*'``."""
+    return list_models(pattern)

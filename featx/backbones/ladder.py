@@ -1,0 +1,486 @@
+"""The layer ladder: which activations of a network can be tapped, shallow to deep.
+
+The ladder is found by running the network once on a random image with hooks on every
+module, so it always matches what the forward pass really produces (shapes, order, which
+modules run). Blocks are the children of the network's sequential containers (and of the
+``blocks``/``layers``/``stages`` sequences that stage modules wrap); a container whose
+output is its last block's output is named instead of that block (``layer1`` rather than
+``layer1.2``). ``pre_logits`` is the input of the classifier.
+
+Relative depth is the share of the network's leaf modules that have run when the layer's
+output exists: 1.0 for ``pre_logits``, comparable across families.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UnknownLayerError, UsageError, close_matches
+
+PRE_LOGITS = "pre_logits"
+_SEQUENCE_ATTRS = ("blocks", "layers", "stages")
+_SKIP_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten)
+_AUTO_TOKEN_BLOCKS = 6
+_HEAD_NAMES = ("classifier", "head", "heads", "fc")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One tappable activation."""
+
+    name: str
+    index: int  # position in the model's ladder ("all"); -1 for a module outside it
+    depth: float  # relative depth in [0, 1]
+    raw_shape: tuple[int, ...]  # per image
+    kind: str  # map | map_nhwc | tokens | vector
+    module: str  # the hooked module ("" = the model itself)
+    hook: str = "output"  # output | input (pre_logits is the classifier's input)
+    order: int = 0  # execution order, for sorting and early stopping
+    prefix_tokens: int = 0
+    has_cls: bool = False
+    aliases: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["raw_shape"], d["aliases"] = list(self.raw_shape), list(self.aliases)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Layer":
+        d = dict(d)
+        d["raw_shape"], d["aliases"] = tuple(d["raw_shape"]), tuple(d.get("aliases", ()))
+        return cls(**d)
+
+
+@dataclass
+class Ladder:
+    """Every block of a network at one input size, plus the ``auto`` selection."""
+
+    layers: list[Layer]
+    auto: list[str]
+    input_size: int
+    extra: dict[str, Layer] = field(default_factory=dict)  # other modules, by name and alias
+
+    def to_dict(self) -> dict:
+        return {"input_size": self.input_size, "auto": list(self.auto),
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Ladder":
+        return cls([Layer.from_dict(x) for x in d["layers"]], list(d["auto"]), int(d["input_size"]))
+
+    def by_name(self) -> dict[str, Layer]:
+        table = dict(self.extra)
+        for layer in self.layers:
+            for alias in layer.aliases:
+                table[alias] = layer
+        for layer in self.layers:
+            table[layer.name] = layer
+        return table
+
+    def select(self, spec: str | list[str] | tuple[str, ...] | None, model_name: str = "MODEL",
+               extra_names: dict[str, Layer] | None = None) -> list[Layer]:
+        """Resolve ``auto``, ``all``, names, aliases, globs, indices and slices; shallow to deep."""
+        items = _split_spec(spec)
+        table = self.by_name()
+        if extra_names:
+            table.update(extra_names)
+        chosen: dict[str, Layer] = {}
+
+        def add(layer: Layer):
+            chosen.setdefault(layer.name, layer)
+
+        for item in items:
+            if item == "auto":
+                for name in self.auto:
+                    add(table[name])
+            elif item == "all":
+                for layer in self.layers:
+                    add(layer)
+            elif item in table:
+                add(table[item])
+            elif re.fullmatch(r"-?\d+", item):
+                i = int(item)
+                if not -len(self.layers) <= i < len(self.layers):
+                    raise UnknownLayerError(
+                        f"Layer index {i} is out of range: {model_name} has {len(self.layers)} layers "
+                        f"(indices 0..{len(self.layers) - 1} or -1..-{len(self.layers)}). "
+                        f"See them with: featx layers {model_name}"
+                    )
+                add(self.layers[i])
+            elif re.fullmatch(r"-?\d*:-?\d*(:-?\d+)?", item):
+                parts = [int(p) if p else None for p in item.split(":")]
+                picked = self.layers[slice(*parts)]
+                if not picked:
+                    raise UnknownLayerError(f"Layer slice {item!r} selects no layer of {model_name}.")
+                for layer in picked:
+                    add(layer)
+            elif any(c in item for c in "*?["):
+                # globs range over the ladder (names and aliases), not every inner module
+                hits = [layer.name for layer in self.layers
+                        if any(fnmatch.fnmatchcase(n, item) for n in (layer.name, *layer.aliases))]
+                if not hits:
+                    raise UnknownLayerError(
+                        f"Layer pattern {item!r} matches no layer of {model_name}. "
+                        f"See them with: featx layers {model_name}"
+                    )
+                for n in hits:
+                    add(table[n])
+            else:
+                near = close_matches(item, [layer.name for layer in self.layers] + list(table), n=5)
+                hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+                raise UnknownLayerError(
+                    f"Unknown layer {item!r} for {model_name}.{hint} Valid: auto, all, a name, a glob "
+                    f"(e.g. 'blocks.*'), an index (-1) or a slice (0:4). See them with: featx layers {model_name}"
+                )
+        return sorted(chosen.values(), key=lambda layer: layer.order)
+
+
+def _split_spec(spec) -> list[str]:
+    if spec is None:
+        return ["auto"]
+    if isinstance(spec, str):
+        items = [s.strip() for s in spec.split(",")]
+    else:
+        items = [str(s).strip() for s in spec]
+    items = [s for s in items if s]
+    if not items:
+        raise UsageError("No layers requested; use auto, all, names, globs or indices.")
+    return items
+
+
+# ------------------------------------------------------------------------------ tracing
+
+
+def _is_pure_container(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and type(m).forward in (
+        nn.Sequential.forward, nn.Module.forward,
+    )
+
+
+def _wraps_sequence(m: nn.Module) -> bool:
+    """A stage module holding a homogeneous run of blocks (``blocks``, ``layers``, ``stages``)."""
+    for attr in _SEQUENCE_ATTRS:
+        child = m._modules.get(attr)
+        if child is None or not _is_pure_container(child) or len(child) < 2:
+            continue
+        members = list(child.children())
+        if len({type(x) for x in members}) == 1 and _has_parametrised_children(members[0]):
+            return True
+    return False
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Candidate block names in definition order (execution order is taken from the trace)."""
+    out: list[str] = []
+
+    def visit(module: nn.Module, prefix: str):
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if _is_pure_container(child) or _wraps_sequence(child):
+                visit(child, full)
+            else:
+                out.append(full)
+
+    visit(model, "")
+    return out
+
+
+def find_classifier(model: nn.Module, linear_order: list[str], output_id: int | None,
+                    outputs: dict[str, int]) -> str | None:
+    """Module name of the final classifier, whose input is the pre-logits embedding.
+
+    timm models name it (``get_classifier``); otherwise it is the last Linear layer, if that
+    layer's output is the network's output.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # some timm models raise when the head was removed
+            head = None
+        if isinstance(head, (tuple, list)) and head:  # distilled models: (head, head_dist)
+            head = head[0]
+        if isinstance(head, nn.Module) and id(head) in names:
+            return None if isinstance(head, nn.Identity) else names[id(head)]
+    if linear_order and outputs.get(linear_order[-1]) == output_id:
+        return linear_order[-1]
+    return None
+
+
+def _num_prefix_tokens(model: nn.Module) -> tuple[int, bool]:
+    prefix = getattr(model, "num_prefix_tokens", None)
+    cls_token = getattr(model, "cls_token", None)
+    if prefix is not None:
+        return int(prefix), cls_token is not None
+    if isinstance(getattr(model, "class_token", None), torch.Tensor):  # torchvision ViT
+        return 1, True
+    return 0, False
+
+
+def _kind(shape: tuple[int, ...]) -> str | None:
+    """Layout of a per-image activation shape."""
+    if len(shape) == 1:
+        return "vector"
+    if len(shape) == 2:
+        return "tokens"
+    if len(shape) == 3:
+        return "map_nhwc" if shape[0] == shape[1] and shape[1] != shape[2] else "map"
+    return None
+
+
+def _fingerprint(t: torch.Tensor) -> tuple[float, float]:
+    t = t.detach().double()
+    return float(t.sum()), float(t.abs().sum())
+
+
+@dataclass
+class _Call:
+    order: int
+    leaves: int
+    obj: int
+    shape: tuple[int, ...]
+    fp: tuple[float, float]
+    in_shape: tuple[int, ...] | None = None
+    ref: object = None  # keeps the tensor alive so that its id() is not reused during the trace
+
+
+class _Recorder:
+    """Forward hooks on every module: call order, leaf count, output identity and shape."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.calls: dict[str, list[_Call | None]] = {}
+        self.linear_order: list[str] = []
+        self.pre: _Call | None = None
+        self.output: torch.Tensor | None = None
+        self.order = self.leaves = 0
+
+    def _record(self, tensor, in_shape=None) -> _Call | None:
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[0] == 1:
+            return _Call(self.order, self.leaves, id(tensor), tuple(tensor.shape), _fingerprint(tensor),
+                         in_shape, tensor)
+        return None
+
+    def run(self, x: torch.Tensor, classifier: str | None) -> None:
+        handles = []
+        for name, module in self.model.named_modules():
+            is_leaf = len(module._modules) == 0
+
+            def hook(mod, args, output, _name=name, _leaf=is_leaf):
+                self.leaves += _leaf
+                self.order += 1
+                if isinstance(mod, nn.Linear):
+                    self.linear_order.append(_name)
+                first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                in_shape = tuple(first.shape) if first is not None else None
+                self.calls.setdefault(_name, []).append(self._record(output, in_shape))
+
+            handles.append(module.register_forward_hook(hook))
+        if classifier is not None:
+            def pre_hook(mod, args):
+                if self.pre is None and args:
+                    self.order += 1
+                    self.pre = self._record(args[0])
+
+            handles.append(self.model.get_submodule(classifier).register_forward_pre_hook(pre_hook))
+        try:
+            with torch.no_grad():
+                self.output = self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def single(self, name: str, before: int | None) -> _Call | None:
+        """The call of module ``name`` if it ran exactly once, before ``before``, with a usable output."""
+        c = self.calls.get(name)
+        if not c or len(c) != 1 or c[0] is None or _kind(c[0].shape[1:]) is None:
+            return None
+        if before is not None and c[0].order >= before:
+            return None
+        return c[0]
+
+
+def trace_ladder(model: nn.Module, input_size: int, device: torch.device | str = "cpu") -> Ladder:
+    """Run one random image through ``model`` and build its ladder."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, input_size, input_size, generator=generator).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        probe = _Recorder(model)
+        probe.run(x, None)  # learns which module classifies
+        outputs = {n: c[-1].obj for n, c in probe.calls.items() if c and c[-1] is not None}
+        classifier = find_classifier(model, probe.linear_order, id(probe.output), outputs)
+        rec = _Recorder(model)
+        rec.run(x, classifier)
+    except Exception as exc:
+        raise UsageError(
+            f"The model does not accept {input_size}x{input_size} inputs ({type(exc).__name__}: {exc}). "
+            "Choose another --image-size."
+        ) from None
+    finally:
+        model.train(was_training)
+
+    headless = classifier is None and _is_headless(model)
+    pre = rec.pre
+    if headless and isinstance(rec.output, torch.Tensor) and rec.output.dim() == 2:
+        pre = rec.single("", None)  # the network's output is its embedding
+    stop = pre.order if pre is not None and not headless else None
+    total_leaves = max(pre.leaves if pre is not None else rec.leaves, 1)
+    prefix, has_cls = _num_prefix_tokens(model)
+    modules = dict(model.named_modules())
+    max_tokens = max((c.shape[1] for cs in rec.calls.values() for c in cs if c is not None and len(c.shape) == 3),
+                     default=0)
+
+    def make_layer(name, call, module, hook="output", aliases=()):
+        shape = call.shape[1:]
+        kind = _kind(shape)
+        tokens_prefix = prefix if kind == "tokens" and prefix and call.shape[1] == max_tokens else 0
+        return Layer(
+            name=name, index=-1, depth=round(min(call.leaves / total_leaves, 1.0), 4),
+            raw_shape=tuple(int(s) for s in shape), kind=kind, module=module, hook=hook,
+            order=call.order, prefix_tokens=tokens_prefix,
+            has_cls=bool(has_cls and tokens_prefix > 0), aliases=tuple(aliases),
+        )
+
+    def canonical(name: str, call: _Call) -> tuple[str, list[str]]:
+        """Climb to the outermost ancestor that returns this very tensor."""
+        aliases, current = [], name
+        while "." in current:
+            parent = current.rsplit(".", 1)[0]
+            pc = rec.single(parent, stop)
+            if pc is None or pc.obj != call.obj or pc.fp != call.fp or not _is_stage(model, current, parent):
+                break
+            aliases.append(current)
+            current = parent
+        return current, aliases
+
+    def skipped(name: str, call: _Call) -> bool:
+        m = modules[name]
+        if isinstance(m, _SKIP_TYPES):
+            return True
+        kind = type(m).__name__.lower()
+        if "adaptive" in kind or ("pool" in kind and len(call.shape) == 4 and call.shape[-1] * call.shape[-2] == 1):
+            return True  # head plumbing: global or to-fixed-size pools before a classifier
+        if "pool" in kind and call.shape == call.in_shape:
+            return True  # a pool that changes nothing
+        if classifier is None and not headless and name.split(".")[0] in _HEAD_NAMES:
+            return True  # a convolutional classifier (SqueezeNet): its maps are class scores
+        return False
+
+    found: dict[str, Layer] = {}
+    composite: set[str] = set()
+    by_tensor: dict[int, str] = {}
+    for name in block_names(model):
+        call = rec.single(name, stop)
+        if call is None or skipped(name, call):
+            continue
+        canon, aliases = canonical(name, call)
+        found[canon] = make_layer(canon, call, canon, aliases=aliases)
+        by_tensor[call.obj] = canon
+        if _has_parametrised_children(modules[name]):
+            composite.add(canon)
+
+    if pre is not None and _kind(pre.shape[1:]) == "vector":
+        aliases = []
+        same = by_tensor.get(pre.obj)
+        if same is not None and same in found and found[same].order < pre.order:
+            dup = found.pop(same)  # e.g. VGG's last ReLU, passed on unchanged by Dropout
+            aliases = [same, *dup.aliases]
+        if headless:
+            found[PRE_LOGITS] = make_layer(PRE_LOGITS, pre, "", aliases=aliases)
+        else:
+            found[PRE_LOGITS] = make_layer(PRE_LOGITS, pre, classifier, hook="input", aliases=aliases)
+
+    ordered = sorted(found.values(), key=lambda layer: layer.order)
+    layers = [_with_index(layer, i) for i, layer in enumerate(ordered)]
+    extra: dict[str, Layer] = {}
+    for name in modules:
+        call = rec.single(name, stop) if name and name not in found else None
+        if call is not None:
+            extra[name] = make_layer(name, call, name)
+    return Ladder(layers, _auto(layers, composite), input_size, extra)
+
+
+def _is_stage(model: nn.Module, child: str, parent: str) -> bool:
+    """Whether ``parent`` is one stage of the network, so it may name its last block's output.
+
+    ``layer1`` names ``layer1.2`` and ``blocks.6`` names ``blocks.6.0``; but a list of stages
+    (timm's ``blocks``) or the single block sequence of a ViT is not itself a stage.
+    """
+    p = model.get_submodule(parent)
+    if _wraps_sequence(p) and p._modules.get(child.rsplit(".", 1)[-1]) is model.get_submodule(child):
+        return True  # a stage module around its block list (timm ConvNeXtStage)
+    if not _is_pure_container(p) or any(_is_pure_container(c) or _wraps_sequence(c) for c in p.children()):
+        return False
+    grand = model.get_submodule(parent.rsplit(".", 1)[0]) if "." in parent else model
+    if _wraps_sequence(grand) and grand._modules.get(parent.rsplit(".", 1)[-1]) is p:
+        return True  # the block list inside a stage module
+    return any(_is_pure_container(s) and len(s) >= 2 for s in grand.children() if s is not p)
+
+
+def _is_headless(model: nn.Module) -> bool:
+    get = getattr(model, "get_classifier", None)
+    try:
+        return callable(get) and isinstance(get(), nn.Identity)
+    except Exception:
+        return False
+
+
+def _with_index(layer: Layer, i: int) -> Layer:
+    d = layer.to_dict()
+    d["index"] = i
+    return Layer.from_dict(d)
+
+
+def _has_parametrised_children(m: nn.Module) -> bool:
+    return any(any(True for _ in child.parameters()) for child in m.children())
+
+
+def _auto(layers: list[Layer], composite: set[str]) -> list[str]:
+    """Stage outputs or a spread of token blocks, then ``pre_logits``.
+
+    A stage output is the last block (a module built of parametrised parts, not a lone norm,
+    conv or activation) at each spatial size; the deepest spatial size gives its very last map.
+    """
+    picked: list[str] = []
+
+    def spatial(layer):
+        return layer.raw_shape[1:] if layer.kind == "map" else layer.raw_shape[:2]
+
+    maps = [layer for layer in layers
+            if layer.kind in ("map", "map_nhwc") and layer.name.split(".")[0] not in _HEAD_NAMES]
+    tokens = [layer for layer in layers if layer.kind == "tokens"]
+    most = max((t.raw_shape[0] for t in tokens), default=0)
+    token_blocks = [t for t in tokens if t.raw_shape[0] == most]
+
+    if len(token_blocks) >= 2 and len(token_blocks) >= len(maps):
+        k = min(_AUTO_TOKEN_BLOCKS, len(token_blocks))
+        idx = np.unique(np.round(np.linspace(0, len(token_blocks) - 1, k + 1)[1:]).astype(int))
+        picked += [maps[-1].name] if maps else []
+        picked += [token_blocks[i].name for i in idx]
+    else:
+        groups: list[list[Layer]] = []
+        for layer in maps:
+            if groups and spatial(groups[-1][-1]) == spatial(layer):
+                groups[-1].append(layer)
+            else:
+                groups.append([layer])
+        for g, group in enumerate(groups):
+            blocks = [layer for layer in group if layer.name in composite]
+            last_group = g == len(groups) - 1
+            picked.append(group[-1].name if last_group or not blocks else blocks[-1].name)
+    if any(layer.name == PRE_LOGITS for layer in layers):
+        picked.append(PRE_LOGITS)
+    if not picked and layers:
+        picked.append(layers[-1].name)
+    order = {layer.name: layer.order for layer in layers}
+    return sorted(dict.fromkeys(picked), key=order.get)

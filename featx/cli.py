@@ -1,0 +1,319 @@
+"""The ``featx`` command line: a thin layer over the Python API.
+
+This is the only module that prints and chooses exit codes: 0 ok, 1 runtime or data
+error, 2 usage error. User mistakes get a message, never a traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import FeatxError
+
+app = typer.Typer(
+    name="featx",
+    help="Transfer learning on images, measured: extract cached features, probe every layer, fine-tune.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cache_app = typer.Typer(help="Show and manage feature cache entries.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+# piped output gets wide lines instead of rich's 80-column default, so nothing is cut off
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+STATE = {"cache_dir": None, "debug": False}
+
+
+# ------------------------------------------------------------------ shared option types
+
+Model = Annotated[str, typer.Option("--model", "-m", help="efficientnet_lite0 (bundled), torchvision:NAME, "
+                                    "timm:NAME[.tag], file:PATH (with --arch) or finetuned:PATH.")]
+Layers = Annotated[str, typer.Option("--layers", "-l", help="auto, all, names, globs ('layer*'), indices (-1) "
+                                     "or slices (0:4), comma-separated. See: featx layers MODEL")]
+Pool = Annotated[str, typer.Option(help="Spatial pooling of feature maps: avg, max, avgmax, grid2, grid3, none.")]
+TokenPool = Annotated[str, typer.Option(help="Pooling of transformer tokens: auto, cls, mean (patch tokens "
+                                        "only), cls+mean.")]
+Dtype = Annotated[str, typer.Option(help="Storage dtype of features: float16 or float32.")]
+Weights = Annotated[Optional[str], typer.Option(help="Pretrained weights: DEFAULT, a torchvision enum name, "
+                                                "'pretrained' or 'none' (random init).")]
+Checkpoint = Annotated[Optional[Path], typer.Option(help="Load the model's weights from this file "
+                                                    "(state_dict, .pt/.pth/.safetensors).")]
+Arch = Annotated[Optional[str], typer.Option(help="Architecture for --model file:PATH, e.g. timm:resnet18.")]
+ImageSize = Annotated[Optional[int], typer.Option(help="Input size (crop) in pixels; default: the model's.")]
+CropPct = Annotated[Optional[float], typer.Option(help="Crop size / resize size; default: the model's.")]
+Interp = Annotated[Optional[str], typer.Option(help="Resize interpolation: nearest, bilinear, bicubic.")]
+DataRoot = Annotated[Optional[Path], typer.Option(help="Where datasets are looked for and downloaded.")]
+Download = Annotated[bool, typer.Option("--download/--no-download", help="Download missing datasets.")]
+Limit = Annotated[Optional[int], typer.Option(help="Use a stratified, seeded subset of N images.")]
+Seed = Annotated[int, typer.Option(help="Seed for --limit and every random choice.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Images per forward pass; default chosen per device.")]
+Workers = Annotated[Optional[int], typer.Option(help="DataLoader processes decoding images; default per device.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Precision = Annotated[str, typer.Option(help="Compute precision: auto (bf16/fp16 on CUDA), float32, bfloat16.")]
+Strict = Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of recording it.")]
+Force = Annotated[bool, typer.Option(help="Allow --pool none above the size budget.")]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logger = logging.getLogger("featx")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"featx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    cache_dir: Annotated[Optional[Path], typer.Option(envvar="FEATX_CACHE_DIR",
+                                                      help="Feature cache root (default ./cache).")] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks of errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    STATE["cache_dir"], STATE["debug"] = cache_dir, debug
+    _configure_logging(verbose, quiet)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _print_entry(entry, title: str | None = None) -> None:
+    table = Table(title=title, show_header=True, header_style="bold")
+    for col in ("index", "layer", "depth", "raw shape", "pool", "width", "dtype"):
+        table.add_column(col, justify="right" if col in ("index", "depth", "width") else "left")
+    for r in entry.layers:
+        table.add_row(str(r.index), r.name, f"{r.depth:.2f}", "x".join(map(str, r.raw_shape)), r.pool,
+                      str(r.width), r.dtype)
+    out.print(table)
+
+
+# ------------------------------------------------------------------ commands
+
+
+@app.command()
+def extract(
+    dataset: Annotated[str, typer.Argument(help="digits, fashion-mnist, cifar10, ..., folder:PATH or csv:FILE.")],
+    model: Model = "efficientnet_lite0",
+    layers: Layers = "auto",
+    pool: Pool = "avg",
+    token_pool: TokenPool = "auto",
+    dtype: Dtype = "float16",
+    weights: Weights = None,
+    checkpoint: Checkpoint = None,
+    arch: Arch = None,
+    image_size: ImageSize = None,
+    crop_pct: CropPct = None,
+    interpolation: Interp = None,
+    data_root: DataRoot = None,
+    download: Download = True,
+    limit: Limit = None,
+    seed: Seed = 0,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
+    device: DeviceOpt = "auto",
+    precision: Precision = "auto",
+    strict: Strict = False,
+    force: Force = False,
+    progress: Progress = True,
+) -> None:
+    """Run a backbone once over a dataset and cache the pooled activations of many layers."""
+    from .api import extract as run_extract
+
+    entry = run_extract(
+        dataset, model, layers=layers, pool=pool, token_pool=token_pool, dtype=dtype, weights=weights,
+        checkpoint=checkpoint, arch=arch, image_size=image_size, crop_pct=crop_pct,
+        interpolation=interpolation, data_root=data_root, download=download, limit=limit, seed=seed,
+        batch_size=batch_size, workers=workers, device=device, precision=precision,
+        cache_dir=STATE["cache_dir"], strict=strict, force=force, progress=progress,
+    )
+    _report_extract(entry)
+
+
+def _report_extract(entry) -> None:
+    run = getattr(entry, "last_run", None)
+    _print_entry(entry, title=f"{entry.dataset} × {entry.model}  ({entry.n_samples} images)")
+    out.print(f"entry  {entry.key[:16]}  {entry.path}  ({_human(entry.size_bytes)})")
+    if run is not None and not run.forward_pass:
+        out.print("cache hit: no forward pass was needed")
+    elif run is not None:
+        resumed = f", resumed after {run.resumed_rows} images" if run.resumed_rows else ""
+        out.print(f"extracted {', '.join(run.layers_added)}: {run.images} images in {run.seconds:.1f} s "
+                  f"({run.images_per_second:.0f} img/s{resumed})")
+    bad = entry.errors()
+    if bad:
+        err.print(f"[yellow]{len(bad)} image(s) could not be read and are excluded (ok=False):[/yellow]")
+        for sample_id, reason in bad[:10]:
+            err.print(f"  {sample_id}: {reason}")
+        if len(bad) > 10:
+            err.print(f"  ... see: featx cache info {entry.key[:12]} --errors")
+
+
+@app.command("layers")
+def layers_cmd(
+    model: Annotated[str, typer.Argument(help="A model name, as for --model.")] = "efficientnet_lite0",
+    image_size: ImageSize = None,
+    pool: Pool = "avg",
+    token_pool: TokenPool = "auto",
+    arch: Arch = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Print the layer ladder of MODEL: index, name, relative depth, raw shape, pooled width."""
+    from .api import layers as get_layers
+    from .backbones.pooling import check_pool, layer_rule, pooled_width
+
+    check_pool(pool, token_pool)
+    ladder = get_layers(model, image_size=image_size, arch=arch)
+    rows = []
+    for layer in ladder.layers:
+        rule = layer_rule(layer.kind, layer.has_cls, pool, token_pool)
+        rows.append({**layer.to_dict(), "pool": rule, "width": pooled_width(layer.raw_shape, layer.kind, rule),
+                     "auto": layer.name in ladder.auto})
+    if as_json:
+        out.print_json(json.dumps({"model": model, "input_size": ladder.input_size, "layers": rows}))
+        return
+    table = Table(title=f"{model} at {ladder.input_size}px ({len(rows)} layers; * = auto)", header_style="bold")
+    for col in ("index", "", "layer", "depth", "raw shape", "kind", "pooled width"):
+        table.add_column(col, justify="right" if col in ("index", "depth", "pooled width") else "left")
+    for r in rows:
+        table.add_row(str(r["index"]), "*" if r["auto"] else "", r["name"], f"{r['depth']:.2f}",
+                      "x".join(map(str, r["raw_shape"])), r["kind"], f"{r['width']} ({r['pool']})")
+    out.print(table)
+
+
+@app.command()
+def models(
+    pattern: Annotated[Optional[str], typer.Argument(help="Glob, e.g. 'timm:*convnext*' or '*resnet*'.")] = None,
+) -> None:
+    """List the models featx can load, and where their weights are."""
+    from .api import models as list_models
+
+    rows = list_models(pattern)
+    if not rows:
+        err.print(f"No model matches {pattern!r}. Try a wider pattern such as '*{(pattern or '').strip('*')[:5]}*'.")
+        raise typer.Exit(1)
+    table = Table(header_style="bold")
+    table.add_column("model")
+    table.add_column("weights")
+    for r in rows:
+        table.add_row(r.name, r.weights)
+    out.print(table)
+    if not pattern:
+        out.print("timm's pretrained models are listed with a pattern, e.g.: featx models 'timm:*vit*'")
+
+
+@cache_app.command("ls")
+def cache_ls() -> None:
+    """List the entries of the cache."""
+    from .cache.store import CacheStore
+
+    store = CacheStore(STATE["cache_dir"])
+    entries = store.entries()
+    if not entries:
+        out.print(f"No entries in {store.root}.")
+        return
+    table = Table(title=str(store.root), header_style="bold")
+    for col in ("key", "dataset", "model", "samples", "layers", "size", "updated"):
+        table.add_column(col, justify="right" if col in ("samples", "layers", "size") else "left")
+    for e in entries:
+        if isinstance(e, tuple):
+            table.add_row(e[0].name, f"[red]unreadable: {e[1]}[/red]", "", "", "", "", "")
+        else:
+            table.add_row(e.key[:12], e.dataset, e.model, str(e.n_samples), str(len(e.layers)),
+                          _human(e.size_bytes), e.updated)
+    out.print(table)
+
+
+@cache_app.command("info")
+def cache_info(
+    entry: Annotated[str, typer.Argument(help="Key prefix, file name or path of an entry.")],
+    verify: Annotated[bool, typer.Option(help="Read every byte and check the checksums.")] = False,
+    errors: Annotated[bool, typer.Option("--errors", help="List every unreadable image.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show an entry: configuration, samples, layers, unreadable images."""
+    from .cache.store import CacheStore
+
+    store = CacheStore(STATE["cache_dir"])
+    e = store.resolve(entry)
+    if verify:
+        try:
+            e.verify()
+        except FeatxError as exc:
+            store.quarantine(e.path, str(exc))
+            raise
+    info = e.info()
+    if as_json:
+        info["errors"] = [{"id": i, "error": r} for i, r in e.errors()]
+        out.print_json(json.dumps(info))
+        return
+    out.print(f"[bold]{info['key']}[/bold]\n{info['path']} ({_human(info['size_bytes'])})")
+    out.print(f"model    {info['model']}\ndataset  {info['dataset']}  samples {info['samples']}  "
+              f"splits {info['splits']}  classes {len(info['classes'])}")
+    out.print(f"config   {json.dumps({k: v for k, v in info['config'].items() if k != 'dataset'})}")
+    out.print(f"created  {info['created_utc']}  updated {info['updated_utc']}")
+    _print_entry(e)
+    if verify:
+        out.print("[green]all checksums verified[/green]")
+    bad = e.errors()
+    if bad:
+        out.print(f"{len(bad)} unreadable image(s)")
+        for sample_id, reason in bad if errors else bad[:5]:
+            out.print(f"  {sample_id}: {reason}")
+
+
+@cache_app.command("rm")
+def cache_rm(
+    entries: Annotated[list[str], typer.Argument(help="Key prefixes, file names or paths of entries.")],
+) -> None:
+    """Delete entries (and any interrupted extraction of them)."""
+    from .cache.store import CacheStore
+
+    store = CacheStore(STATE["cache_dir"])
+    resolved = [store.resolve(ref) for ref in entries]  # resolve all before deleting any
+    for e in resolved:
+        store.remove(e)
+        out.print(f"removed {e.key[:12]} ({e.path.name})")
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="featx")
+    except FeatxError as exc:
+        if STATE["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,105 @@
+"""Datasets by name: built-ins, Fashion-MNIST, torchvision sets, folders and CSV files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UnknownDatasetError, UsageError, did_you_mean
+from .images import ImageDecodeError
+from .sources import (
+    ImageSource,
+    default_data_root,
+    load_csv,
+    load_digits_source,
+    load_fashion_mnist,
+    load_folder,
+)
+from .torchvision_sets import TORCHVISION_DATASETS, load_torchvision
+from .transforms import Preprocessing
+
+__all__ = [
+    "ImageSource",
+    "Preprocessing",
+    "ImageDataset",
+    "open_dataset",
+    "stratified_limit",
+    "dataset_names",
+]
+
+BUILTIN = ("digits", "fashion-mnist")
+
+
+def dataset_names() -> list[str]:
+    return list(BUILTIN) + sorted(TORCHVISION_DATASETS)
+
+
+def open_dataset(spec: str, data_root: str | Path | None = None, download: bool = True) -> ImageSource:
+    """Resolve a dataset spec (``digits``, ``fashion-mnist``, ``cifar10``, ``folder:PATH``, ``csv:FILE``)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UnknownDatasetError("A dataset is required, e.g. digits, fashion-mnist, folder:PATH or csv:FILE.")
+    spec = spec.strip()
+    root = Path(data_root).expanduser() if data_root else None
+    kind, _, rest = spec.partition(":")
+    if rest and kind in ("folder", "csv"):
+        return load_folder(rest) if kind == "folder" else load_csv(rest)
+    name = spec.lower().replace("_", "-")
+    aliases = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "oxford-pets": "oxford-iiit-pet"}
+    name = aliases.get(name, name)
+    if name == "digits":
+        return load_digits_source()
+    if name == "fashion-mnist":
+        return load_fashion_mnist(root, download)
+    if name in TORCHVISION_DATASETS:
+        return load_torchvision(name, root or default_data_root(), download)
+    if Path(spec).is_dir():
+        raise UnknownDatasetError(f"{spec!r} is a directory; write folder:{spec} to use it as an image folder.")
+    raise UnknownDatasetError(
+        f"Unknown dataset {spec!r}.{did_you_mean(name, dataset_names())} Valid: "
+        + ", ".join(dataset_names())
+        + ", folder:PATH (one sub-folder per class) or csv:FILE (path,label[,split])."
+    )
+
+
+def stratified_limit(source: ImageSource, limit: int | None, seed: int = 0) -> ImageSource:
+    """A seeded subset of ``limit`` samples keeping split and class proportions."""
+    if limit is None:
+        return source
+    if not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise UsageError(f"--limit must be a positive integer, got {limit!r}.")
+    n = len(source)
+    if limit >= n:
+        return source
+    rng = np.random.default_rng(seed)
+    strata = [f"{s}\x00{y}" for s, y in zip(source.splits, source.labels)]
+    keys, inverse = np.unique(np.asarray(strata, dtype=object), return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(keys))
+    quota = counts * (limit / n)
+    take = np.floor(quota).astype(np.int64)
+    # largest remainders get the leftover places, ties broken by the seeded generator
+    order = np.lexsort((rng.random(len(keys)), -(quota - take)))
+    take[order[: limit - int(take.sum())]] += 1
+    chosen = []
+    for k in range(len(keys)):
+        members = np.flatnonzero(inverse == k)
+        chosen.append(rng.choice(members, size=int(take[k]), replace=False))
+    return source.subset(np.sort(np.concatenate(chosen)))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decode + resize + crop one sample; a failure is reported, never substituted."""
+
+    def __init__(self, source: ImageSource, preprocessing: Preprocessing):
+        self.source, self.pre = source, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.pre.pil_to_uint8(self.source.image(i)), ""
+        except ImageDecodeError as exc:
+            size = self.pre.crop_size
+            return torch.zeros(3, size, size, dtype=torch.uint8), exc.reason or "unreadable image"

@@ -1,0 +1,87 @@
+"""Preprocessing: resize and crop on the CPU as uint8, normalise on the device.
+
+Workers only resize and crop; the float conversion and mean/std normalisation happen
+batched on the device. That moves 4x fewer bytes between processes (and to the GPU) and
+keeps one description, ``Preprocessing``, that the cache key records in full.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from ..errors import UsageError
+
+INTERPOLATIONS = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything that turns a decoded image into the model's input tensor."""
+
+    crop_size: int
+    resize_size: int  # shorter side before the centre crop
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def crop_pct(self) -> float:
+        return self.crop_size / self.resize_size
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(
+            int(d["crop_size"]), int(d["resize_size"]), str(d["interpolation"]),
+            tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]),
+        )
+
+    def override(self, image_size: int | None = None, crop_pct: float | None = None,
+                 interpolation: str | None = None) -> "Preprocessing":
+        """Apply user overrides; the crop ratio of the model is kept unless given."""
+        if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
+            raise UsageError(f"--image-size must be an integer >= 8, got {image_size!r}.")
+        if crop_pct is not None and not (0.1 <= crop_pct <= 1.0):
+            raise UsageError(f"--crop-pct must lie in [0.1, 1.0], got {crop_pct!r}.")
+        if interpolation is not None and interpolation not in INTERPOLATIONS:
+            raise UsageError(
+                f"Unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}."
+            )
+        crop = image_size or self.crop_size
+        pct = crop_pct if crop_pct is not None else self.crop_pct
+        resize = int(math.floor(crop / pct + 1e-9))
+        return replace(
+            self, crop_size=crop, resize_size=max(resize, crop),
+            interpolation=interpolation or self.interpolation,
+        )
+
+    def pil_to_uint8(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> uint8 tensor (3, crop, crop)."""
+        img = TF.resize(img, self.resize_size, interpolation=INTERPOLATIONS[self.interpolation],
+                        antialias=True)
+        img = TF.center_crop(img, [self.crop_size, self.crop_size])
+        return TF.pil_to_tensor(img)
+
+    def normalizer(self, device: torch.device):
+        """Batched uint8 -> normalised float32 on ``device``."""
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=device).view(1, 3, 1, 1)
+        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=device).view(1, 3, 1, 1)
+
+        def normalise(batch: torch.Tensor) -> torch.Tensor:
+            return batch.to(device=device, dtype=torch.float32, non_blocking=True).mul_(scale).sub_(shift)
+
+        return normalise

@@ -1,0 +1,77 @@
+"""Shared fixtures: a private cache per test, synthetic image folders, tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+#: a small random-init network used wherever the architecture does not matter
+TINY_MODEL = "timm:resnet18"
+TINY = {"model": TINY_MODEL, "weights": "none", "image_size": 32, "progress": False}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """No test touches the repository's cache or the user's data directory."""
+    monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+def synthetic_image(label: int, index: int, size: int = 24, mode: str = "RGB") -> Image.Image:
+    """Class = colour of a square whose position varies with the index: separable, not trivial."""
+    rng = np.random.default_rng(1000 * label + index)
+    img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    colour = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [200, 200, 40]][label % 4], dtype=np.uint8)
+    x, y = rng.integers(0, size // 2, size=2)
+    img[y:y + size // 2, x:x + size // 2] = colour
+    out = Image.fromarray(img)
+    return out.convert(mode) if mode != "RGB" else out
+
+
+def make_folder(root: Path, n_per_class: int = 6, classes=("cat", "dog", "owl"), splits=("train", "test"),
+                size: int = 24) -> Path:
+    """folder:ROOT with class sub-folders (under split folders when ``splits`` is given)."""
+    for s, split in enumerate(splits or ("",)):
+        for label, name in enumerate(classes):
+            d = root / split / name if split else root / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n_per_class):
+                synthetic_image(label, 100 * s + i, size).save(d / f"img{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_folder(tmp_path / "images")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m featx ...`` in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "featx", *args], capture_output=True, text=True, env=full_env,
+        timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+def run_python(code: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])

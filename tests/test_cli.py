@@ -1,0 +1,117 @@
+"""The command line as a user runs it: output, exit codes, messages without tracebacks."""
+
+import json
+
+import pytest
+
+from featx.cli import main
+
+from .conftest import make_folder, run_cli
+
+TINY_ARGS = ["--model", "timm:resnet18", "--weights", "none", "--image-size", "32", "--no-progress"]
+
+
+def _ok(res):
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_extract_then_cache_hit_then_ls_info_rm(tmp_path):
+    root = make_folder(tmp_path / "imgs", n_per_class=3)
+    first = _ok(run_cli("extract", f"folder:{root}", *TINY_ARGS))
+    assert "extracted" in first.stdout and "img/s" in first.stdout
+    assert "about" in first.stderr and "on disk" in first.stderr  # the size estimate, before the run
+    second = _ok(run_cli("extract", f"folder:{root}", *TINY_ARGS))
+    assert "cache hit: no forward pass" in second.stdout
+
+    ls = _ok(run_cli("cache", "ls"))
+    assert "timm:resnet18" in ls.stdout and "samples" in ls.stdout
+    key = json.loads(_ok(run_cli("cache", "info", "--json", next(
+        p.name for p in (tmp_path / "cache").glob("*.h5")))).stdout)["key"]
+    info = _ok(run_cli("cache", "info", key[:10], "--verify"))
+    assert "all checksums verified" in info.stdout and "layer4" in info.stdout
+    _ok(run_cli("cache", "rm", key[:10]))
+    assert "No entries" in _ok(run_cli("cache", "ls")).stdout
+
+
+def test_layers_and_models_commands():
+    res = _ok(run_cli("layers", "torchvision:resnet18", "--image-size", "64"))
+    assert "layer4" in res.stdout and "pre_logits" in res.stdout and "512" in res.stdout
+    js = json.loads(_ok(run_cli("layers", "efficientnet_lite0", "--json", "--pool", "avgmax")).stdout)
+    assert js["input_size"] == 224 and [r["name"] for r in js["layers"] if r["auto"]][-1] == "pre_logits"
+    assert js["layers"][-1]["width"] == 1280 and js["layers"][0]["width"] == 64  # avgmax doubles maps only
+    models = _ok(run_cli("models", "*lite*")).stdout
+    assert "efficientnet_lite0" in models and "timm:tf_efficientnet_lite0.in1k" in models
+
+
+BAD_INPUT = [
+    (["extract", "digits", "--model", "torchvision:resnet5"], 2, "Did you mean 'resnet50'"),
+    (["extract", "digits", "--model", "resnet50"], 2, "'torchvision:resnet50' or 'timm:resnet50'"),
+    (["extract", "digits", "--model", "nosuchsource:x"], 2, "Unknown model source"),
+    (["extract", "digitz"], 2, "Did you mean 'digits'"),
+    (["extract", "digits", *TINY_ARGS, "--layers", "layr3"], 2, "Did you mean 'layer3'"),
+    (["extract", "digits", *TINY_ARGS, "--layers", "99"], 2, "out of range"),
+    (["extract", "digits", *TINY_ARGS, "--pool", "mean"], 2, "Unknown pooling 'mean'"),
+    (["extract", "digits", *TINY_ARGS, "--dtype", "int8"], 2, "Unknown dtype 'int8'"),
+    (["extract", "digits", *TINY_ARGS, "--limit", "0"], 2, "--limit must be a positive integer"),
+    (["extract", "digits", *TINY_ARGS, "--image-size", "4"], 2, "--image-size must be an integer >= 8"),
+    (["extract", "digits", *TINY_ARGS, "--device", "tpu"], 2, "Unknown device 'tpu'"),
+    (["extract", "digits", *TINY_ARGS, "--weights", "bogus", "--model", "torchvision:resnet18"], 2,
+     "has no weights 'bogus'"),
+    (["extract", "folder:/no/such/folder", *TINY_ARGS], 2, "does not exist"),
+    (["extract", "digits", "--model", "file:/tmp/x.pt"], 2, "needs an architecture"),
+    (["cache", "info", "ffffffff"], 2, "No cache entry 'ffffffff'"),
+    (["layers", "timm:resnet1"], 2, "Did you mean"),
+    (["extract", "digits", "--batch-size", "-3"], 2, "--batch-size must be a positive integer"),
+]
+
+
+def cli(capsys, *args):
+    """The console entry point in this process (the same code path as the installed script)."""
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args, code, message", BAD_INPUT, ids=[" ".join(a[:4]) for a, _, _ in BAD_INPUT])
+def test_bad_input_gets_a_message_and_an_exit_code(capsys, args, code, message):
+    status, _, stderr = cli(capsys, *args)
+    assert status == code, stderr
+    assert message in " ".join(stderr.split())
+    assert "Traceback" not in stderr
+
+
+def test_bad_input_exit_code_in_a_real_process():
+    res = run_cli("extract", "digits", "--model", "torchvision:resnet5")
+    assert res.returncode == 2 and "Did you mean 'resnet50'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_missing_dataset_is_a_runtime_error_with_instructions(tmp_path):
+    res = run_cli("extract", "fashion-mnist", "--no-download", *TINY_ARGS,
+                  env={"FEATX_DATA": str(tmp_path / "none")}) if not _debian_fmnist() else None
+    if res is None:
+        pytest.skip("Debian's dataset-fashion-mnist is installed; the missing case is covered in test_data")
+    assert res.returncode == 1 and "apt-get install dataset-fashion-mnist" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def _debian_fmnist():
+    from featx.data.sources import DEBIAN_FASHION_MNIST
+
+    return (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists()
+
+
+def test_strict_bad_image_exits_1_with_the_path(tmp_path):
+    root = make_folder(tmp_path / "imgs", n_per_class=2, splits=None)
+    (root / "owl" / "zero.png").write_bytes(b"")
+    res = run_cli("extract", f"folder:{root}", *TINY_ARGS, "--strict")
+    assert res.returncode == 1 and "owl/zero.png" in res.stderr and "empty file" in res.stderr
+    lenient = _ok(run_cli("extract", f"folder:{root}", *TINY_ARGS))
+    assert "1 image(s) could not be read" in lenient.stderr and "owl/zero.png" in lenient.stderr
+
+
+def test_help_and_version():
+    assert "extract" in _ok(run_cli("--help")).stdout
+    assert _ok(run_cli("--version")).stdout.startswith("featx ")
+    assert run_cli().returncode == 2  # no command: usage

@@ -1,0 +1,41 @@
+"""Real weights on real data: the bundled EfficientNet-Lite0 on a Fashion-MNIST subset."""
+
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import featx
+from featx.data.sources import fashion_mnist_dirs
+
+pytestmark = pytest.mark.slow
+
+
+def _have_fashion_mnist() -> bool:
+    return any((d / "train-images-idx3-ubyte.gz").exists() for d in fashion_mnist_dirs(None))
+
+
+needs_fmnist = pytest.mark.skipif(
+    not _have_fashion_mnist(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
+)
+
+
+def _linear_accuracy(entry, layer: str) -> float:
+    f = entry.load(layer)
+    train, test = f.split == "train", f.split == "test"
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
+    return clf.fit(f.X[train], f.y[train]).score(f.X[test], f.y[test])
+
+
+@needs_fmnist
+def test_pretrained_features_are_far_more_separable_than_random_init():
+    """Proof that the weights are really loaded: ImageNet features beat the same net untrained."""
+    options = dict(image_size=64, limit=3000, progress=False)
+    pretrained = featx.extract("fashion-mnist", **options)
+    random_init = featx.extract("fashion-mnist", weights="none", **options)
+    assert pretrained.key != random_init.key
+    acc = {w: {layer: _linear_accuracy(e, layer) for layer in e.layer_names}
+           for w, e in (("pretrained", pretrained), ("none", random_init))}
+    assert acc["pretrained"]["pre_logits"] >= acc["none"]["pre_logits"] + 0.10, acc
+    assert max(acc["pretrained"].values()) >= max(acc["none"].values()) + 0.10, acc
+    assert max(acc["pretrained"].values()) >= 0.80, acc
