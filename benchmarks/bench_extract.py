@@ -140,6 +140,11 @@ def case_cpu(run, n: int, image_size: int) -> dict:
         "batch 64": {"batch_size": 64},
         "1 thread": {"threads": 1},
     }
+    passive = {"OMP_WAIT_POLICY": "PASSIVE"}
+    variants.update({
+        "OMP_WAIT_POLICY=PASSIVE": {"env": passive},
+        "1 worker, threads=cores, PASSIVE": {"workers": 1, "env": passive},
+    })
     out = {name: run(bare_forward, n, image_size, **kw) for name, kw in variants.items()}
     base = out["featx defaults"]["images_per_second"]
     return {"images": n, "image_size": image_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import sys
 import time
@@ -24,12 +25,24 @@ def _child(fn, args, kwargs, queue):
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def isolated(fn, *args, **kwargs):
-    """Call ``fn`` in a fresh process (spawned: no inherited thread pools or heap)."""
+def isolated(fn, *args, env: dict | None = None, **kwargs):
+    """Call ``fn`` in a fresh process (spawned: no inherited thread pools or heap).
+
+    ``env`` is set for the child only, before it imports anything (e.g. OMP_WAIT_POLICY).
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, kwargs, queue))
-    proc.start()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     status, value = queue.get()
     proc.join()
     if status != "ok":
@@ -38,8 +51,6 @@ def isolated(fn, *args, **kwargs):
 
 
 def machine() -> dict:
-    import os
-
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": len(os.sched_getaffinity(0)),
@@ -62,7 +73,18 @@ def extract_suite(quick: bool) -> dict:
     return cases
 
 
-SUITES = {"extract": extract_suite}
+def probe_suite(quick: bool) -> dict:
+    from . import bench_probe as b
+
+    heads = ["logreg", "linsvm", "knn", "mlp", "svm"]
+    return {
+        "probe_vs_plain_sklearn": lambda: b.case_probe_vs_plain(isolated, 96, 3000 if quick else 14000, heads),
+        "probe_vs_plain_sklearn_full": lambda: b.case_probe_vs_plain(isolated, 96, 5000 if quick else None,
+                                                                     ["logreg", "knn"]),
+    }
+
+
+SUITES = {"extract": extract_suite, "probe": probe_suite}
 
 
 def main(argv=None) -> None:

@@ -17,6 +17,9 @@ _API = {
     "layers": ".api",
     "models": ".api",
     "open_entry": ".api",
+    "probe": ".api",
+    "run": ".api",
+    "finetune": ".api",
 }
 
 __all__ = ["__version__", "errors", *_API]

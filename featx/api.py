@@ -9,8 +9,10 @@ from .backbones.registry import DEFAULT_MODEL, ModelListing, build_model, descri
 from .cache.entry import FeatureEntry, Features
 from .cache.store import CacheStore
 from .extraction import extract
+from .finetuning import finetune
+from .probing import ProbeResults, probe
 
-__all__ = ["extract", "load_features", "layers", "models", "open_entry"]
+__all__ = ["extract", "load_features", "layers", "models", "open_entry", "probe", "run", "finetune"]
 
 
 def open_entry(entry, cache_dir: str | os.PathLike | None = None) -> FeatureEntry:
@@ -42,3 +44,13 @@ def layers(model: str = DEFAULT_MODEL, *, image_size: int | None = None, arch: s
 def models(pattern: str | None = None) -> list[ModelListing]:
     """Models featx can load, filtered by a glob such as ``'timm:*convnext*'``."""
     return list_models(pattern)
+
+
+def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=None, probe_layers=None,
+        cv: int | None = None, jobs: int | None = None, backend: str = "loky", scheduler: str | None = None,
+        out_dir=None, seed: int = 0, progress: bool = True, **extract_options) -> ProbeResults:
+    """The main job: extract (through the cache) then probe every extracted layer and report."""
+    entry = extract(dataset, model, seed=seed, progress=progress, **extract_options)
+    return probe(entry, heads=heads, layers=probe_layers, cv=cv, seed=seed, jobs=jobs, backend=backend,
+                 scheduler=scheduler, out_dir=out_dir, cache_dir=extract_options.get("cache_dir"),
+                 progress=progress)

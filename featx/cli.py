@@ -179,6 +179,233 @@ def _report_extract(entry) -> None:
             err.print(f"  ... see: featx cache info {entry.key[:12]} --errors")
 
 
+Heads = Annotated[str, typer.Option(help="Comma-separated heads: logreg, linsvm, svm, mlp, knn.")]
+CV = Annotated[Optional[int], typer.Option(help="Choose hyper-parameters by K-fold CV (default: a 20% hold-out).")]
+Jobs = Annotated[Optional[int], typer.Option(help="Parallel (layer, head) fits; default: the number of cores.")]
+Backend = Annotated[str, typer.Option(help="joblib backend: loky (processes), threading, or dask.")]
+Scheduler = Annotated[Optional[str], typer.Option(help="Dask scheduler address for --backend dask "
+                                                  "(default: a local cluster).")]
+OutDir = Annotated[Optional[Path], typer.Option("--out", help="Results folder (default featx-results/<entry>).")]
+Plots = Annotated[bool, typer.Option("--plots/--no-plots", help="Write layers.png and confusion.png.")]
+#: defaults of ``featx run``, chosen so the main job finishes in minutes on a 2-core CPU (README)
+RUN_HEADS = "logreg,knn,mlp"
+RUN_IMAGE_SIZE = 96
+
+
+def _looks_like_entry(target: str) -> bool:
+    import re
+
+    from .cache.store import CacheStore
+
+    if target.endswith(".h5") or re.fullmatch(r"[0-9a-f]{6,64}", target):
+        return True
+    return (CacheStore(STATE["cache_dir"]).root / target).is_file()
+
+
+def _print_probe(results) -> None:
+    rows = results.rows
+    heads = list(dict.fromkeys(r["head"] for r in rows))
+    best_per_head = results.best_per_head()
+    table = Table(title=f"{results.entry['dataset']} × {results.entry['model']}: test top-1 (95% CI) "
+                        "— * best layer per head (validation), bold: best overall", header_style="bold")
+    for col in ("layer", "depth", "width"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for head in heads:
+        table.add_column(head, justify="right")
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    by_cell = {(r["layer"], r["head"]): r for r in rows}
+    for layer in layers:
+        first = next(r for r in rows if r["layer"] == layer)
+        cells = []
+        for head in heads:
+            r = by_cell.get((layer, head))
+            if r is None:
+                cells.append("-")
+                continue
+            lo, hi = r["test_top1_ci"]
+            text = f"{r['test_top1']:.3f} ({lo:.3f}-{hi:.3f})"
+            if best_per_head[head] is r:
+                text += " *"
+            if r is results.best:
+                text = f"[bold green]{text}[/bold green]"
+            cells.append(text)
+        table.add_row(layer, f"{first['depth']:.2f}", str(first["width"]), *cells)
+    out.print(table)
+    b = results.best
+    extra = f", top-5 {b['test_top5']:.3f}" if b.get("test_top5") is not None else ""
+    out.print(f"best: {b['head']} on {b['layer']} ({json.dumps(b['params'])}): test top-1 {b['test_top1']:.4f}"
+              f"{extra}, balanced accuracy {b['balanced_accuracy']:.4f}, macro-F1 {b['macro_f1']:.4f}")
+    split = results.protocol["splits"]
+    out.print(f"protocol: {results.protocol['selection']} on the training split ({split['train']} images), "
+              f"test split ({split['test']} images, {split['test_source']}) evaluated once per cell")
+    out.print(f"\n[bold]advice[/bold]: {results.recommendation}\n")
+    if results.out_dir is not None:
+        out.print(f"wrote {results.out_dir}/: " + ", ".join(results.files.values()))
+    out.print(f"probe time {results.seconds:.1f} s")
+
+
+@app.command()
+def probe(
+    target: Annotated[str, typer.Argument(help="A cache entry (key prefix, file name, path) or a dataset "
+                                          "(then it is extracted first, through the cache).")],
+    heads: Heads = "logreg,linsvm,knn,mlp,svm",
+    layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Layers to probe (default: all in the "
+                                                  "entry); for a dataset, also the layers extracted.")] = None,
+    cv: CV = None,
+    seed: Seed = 0,
+    jobs: Jobs = None,
+    backend: Backend = "loky",
+    scheduler: Scheduler = None,
+    out_dir: OutDir = None,
+    plots: Plots = True,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to extract with when TARGET is "
+                                                 "a dataset (default efficientnet_lite0).")] = None,
+    pool: Pool = "avg",
+    token_pool: TokenPool = "auto",
+    dtype: Dtype = "float16",
+    weights: Weights = None,
+    image_size: ImageSize = None,
+    data_root: DataRoot = None,
+    limit: Limit = None,
+    device: DeviceOpt = "auto",
+    progress: Progress = True,
+) -> None:
+    """Compare scikit-learn heads on every cached layer: where are the classes best decodable?"""
+    from .api import extract as run_extract
+    from .api import probe as run_probe
+
+    entry = target
+    if model is not None or not _looks_like_entry(target):
+        entry = run_extract(target, model or "efficientnet_lite0", layers=layers or "auto", pool=pool,
+                            token_pool=token_pool, dtype=dtype, weights=weights, image_size=image_size,
+                            data_root=data_root, limit=limit, seed=seed, device=device,
+                            cache_dir=STATE["cache_dir"], progress=progress)
+        _report_extract(entry)
+    results = run_probe(entry, heads=heads, layers=layers, cv=cv, seed=seed, jobs=jobs, backend=backend,
+                        scheduler=scheduler, out_dir=out_dir, cache_dir=STATE["cache_dir"], plots=plots,
+                        progress=progress)
+    _print_probe(results)
+
+
+@app.command()
+def run(
+    dataset: Annotated[str, typer.Argument(help="Dataset to run on (default: fashion-mnist).")] = "fashion-mnist",
+    model: Model = "efficientnet_lite0",
+    heads: Heads = RUN_HEADS,
+    layers: Layers = "auto",
+    pool: Pool = "avg",
+    image_size: Annotated[Optional[int], typer.Option(help=f"Input size in pixels (default {RUN_IMAGE_SIZE}: "
+                                                      "quick on a CPU; 0 = the model's own).")] = RUN_IMAGE_SIZE,
+    limit: Limit = None,
+    cv: CV = None,
+    seed: Seed = 0,
+    jobs: Jobs = None,
+    out_dir: OutDir = None,
+    dtype: Dtype = "float16",
+    weights: Weights = None,
+    data_root: DataRoot = None,
+    device: DeviceOpt = "auto",
+    progress: Progress = True,
+) -> None:
+    """The main job: extract features (through the cache), probe every layer, report and advise."""
+    from .api import run as run_all
+
+    results = run_all(
+        dataset, model, heads=heads, cv=cv, jobs=jobs, out_dir=out_dir, seed=seed, progress=progress,
+        layers=layers, pool=pool, image_size=image_size or None, limit=limit, dtype=dtype, weights=weights,
+        data_root=data_root, device=device, cache_dir=STATE["cache_dir"],
+    )
+    _print_probe(results)
+
+
+@app.command()
+def finetune(
+    target: Annotated[Optional[str], typer.Argument(help="A probe result folder, or a dataset when --model is "
+                                                    "given.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Fine-tune this model explicitly, with "
+                                                 "--layer and a dataset.")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Layer to cut after: name, alias or "
+                                                 "ladder index; default: the probe's best layer.")] = None,
+    head_init: Annotated[str, typer.Option(help="lpft (start from the probe's logistic regression, "
+                                           "standardisation folded in), random, or auto (lpft with a probe "
+                                           "result).")] = "auto",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 5,
+    lr: Annotated[Optional[float], typer.Option(help="Head learning rate; default 1e-3 (AdamW), 1e-2 (SGD).")] = None,
+    backbone_lr_ratio: Annotated[float, typer.Option(help="Backbone learning rate = lr x this.")] = 0.1,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd (with momentum).")] = "adamw",
+    weight_decay: Annotated[Optional[float], typer.Option(help="Default 0.01 (AdamW), 1e-4 (SGD); never on "
+                                                          "biases or norms.")] = None,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up before the cosine decay (fractions "
+                                                 "allowed).")] = 0.5,
+    head_warmup_epochs: Annotated[int, typer.Option(help="Epochs that train only the head.")] = 0,
+    freeze_below: Annotated[Optional[str], typer.Option(help="Blocks below this layer (name or index) stay "
+                                                        "frozen, weights and BatchNorm statistics.")] = None,
+    unfreeze: Annotated[Optional[str], typer.Option(help="gradual: unfreeze one block per epoch from the "
+                                                    "top.")] = None,
+    bn_stats: Annotated[str, typer.Option(help="BatchNorm statistics: auto (frozen for pretrained weights), "
+                                          "frozen, update.")] = "auto",
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
+    dropout: Annotated[float, typer.Option(help="Dropout before the head.")] = 0.0,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crop, flip and small "
+                                          "rotation for training.")] = True,
+    batch_size: BatchSize = None,
+    val_fraction: Annotated[float, typer.Option(help="Validation share of the training split.")] = 0.2,
+    patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0 = never stop "
+                                          "early).")] = 3,
+    seed: Seed = 0,
+    sweep: Annotated[Optional[str], typer.Option(help="Grid, e.g. 'lr=1e-2,1e-3,1e-4 epochs=1,3,5': prints "
+                                                 "validation and test accuracy per cell.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run (rerunning the same command also "
+                                         "resumes); another configuration is refused.")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default "
+                                                    "featx-results/finetune/...).")] = None,
+    weights: Weights = None,
+    checkpoint: Checkpoint = None,
+    arch: Arch = None,
+    image_size: ImageSize = None,
+    pool: Annotated[Optional[str], typer.Option(help="Pooling (explicit mode): avg, max, avgmax, grid2, "
+                                                "grid3.")] = None,
+    data_root: DataRoot = None,
+    limit: Limit = None,
+    device: DeviceOpt = "auto",
+    precision: Precision = "auto",
+    workers: Workers = None,
+    progress: Progress = True,
+) -> None:
+    """Cut the network after the best layer, start from the probe's head (LP-FT) and fine-tune."""
+    from .api import finetune as run_finetune
+
+    explicit = {k: v for k, v in dict(weights=weights, checkpoint=checkpoint, arch=arch, image_size=image_size,
+                                      pool=pool, data_root=data_root, limit=limit).items() if v is not None}
+    result = run_finetune(
+        target, model=model, layer=layer, head_init=head_init, epochs=epochs, lr=lr,
+        backbone_lr_ratio=backbone_lr_ratio, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
+        warmup_epochs=warmup_epochs, head_warmup_epochs=head_warmup_epochs, freeze_below=freeze_below,
+        unfreeze=unfreeze, bn_stats=bn_stats, label_smoothing=label_smoothing, dropout=dropout, augment=augment,
+        batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, sweep=sweep,
+        resume=resume, out_dir=out_dir, device=device, precision=precision, workers=workers, progress=progress,
+        cache_dir=STATE["cache_dir"], **explicit,
+    )
+    _print_finetune(result)
+
+
+def _print_finetune(result) -> None:
+    if result.sweep_table:
+        out.print(result.sweep_table)
+    t = result.test
+    lo, hi = t["top1_ci95"]
+    status = "found finished on disk" if result.reused else f"{result.train_seconds:.0f} s of training"
+    out.print(f"fine-tuned after {result.layer} ({result.head_init} head): test top-1 {t['top1']:.4f} "
+              f"(95% CI {lo:.4f}-{hi:.4f}), best epoch {result.best_epoch} by validation "
+              f"({result.best_val_top1:.4f}); {status}")
+    probe = result.probe or {}
+    if probe.get("logreg_test_top1") is not None:
+        out.print(f"probe (logreg) at the same layer: test top-1 {probe['logreg_test_top1']:.4f}; fine-tuning "
+                  f"changed it by {probe['delta_top1_vs_logreg']:+.4f}")
+    out.print(f"wrote {result.out_dir}/  (re-extract its layers with --model finetuned:{result.out_dir})")
+
+
 @app.command("layers")
 def layers_cmd(
     model: Annotated[str, typer.Argument(help="A model name, as for --model.")] = "efficientnet_lite0",
@@ -243,14 +470,18 @@ def cache_ls() -> None:
         out.print(f"No entries in {store.root}.")
         return
     table = Table(title=str(store.root), header_style="bold")
-    for col in ("key", "dataset", "model", "samples", "layers", "size", "updated"):
-        table.add_column(col, justify="right" if col in ("samples", "layers", "size") else "left")
+    columns = ("key", "dataset", "model", "px", "pool", "dtype", "samples", "layers", "size", "updated")
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("px", "samples", "layers", "size") else "left")
     for e in entries:
         if isinstance(e, tuple):
-            table.add_row(e[0].name, f"[red]unreadable: {e[1]}[/red]", "", "", "", "", "")
+            table.add_row(e[0].name, f"[red]unreadable: {e[1]}[/red]", *[""] * (len(columns) - 2))
         else:
-            table.add_row(e.key[:12], e.dataset, e.model, str(e.n_samples), str(len(e.layers)),
-                          _human(e.size_bytes), e.updated)
+            c = e.config
+            limit = c["dataset"].get("limit")
+            dataset = e.dataset + (f" (limit {limit['n']})" if limit else "")
+            table.add_row(e.key[:12], dataset, e.model, str(c["preprocessing"]["crop_size"]), c["pooling"]["pool"],
+                          c["dtype"], str(e.n_samples), str(len(e.layers)), _human(e.size_bytes), e.updated)
     out.print(table)
 
 

@@ -115,3 +115,32 @@ def test_help_and_version():
     assert "extract" in _ok(run_cli("--help")).stdout
     assert _ok(run_cli("--version")).stdout.startswith("featx ")
     assert run_cli().returncode == 2  # no command: usage
+
+
+def test_probe_command_on_an_entry_and_on_a_dataset(tmp_path):
+    root = make_folder(tmp_path / "imgs", n_per_class=8)
+    res = _ok(run_cli("probe", f"folder:{root}", *TINY_ARGS, "--heads", "logreg,knn", "--jobs", "1",
+                      "--out", str(tmp_path / "res")))
+    assert "best:" in res.stdout and "advice" in res.stdout and "test top-1" in res.stdout
+    assert (tmp_path / "res" / "layers.png").is_file()
+    key = json.loads((tmp_path / "res" / "results.json").read_text())["entry"]["key"]
+    again = _ok(run_cli("probe", key[:12], "--heads", "knn", "--jobs", "1", "--no-plots", "--out",
+                        str(tmp_path / "res2")))
+    assert "knn" in again.stdout and "extracted" not in again.stdout  # read from the cache only
+
+
+BAD_PROBE = [
+    (["probe", "digits", "--model", "timm:resnet18", "--weights", "none", "--image-size", "32", "--heads", "svn"],
+     2, "Did you mean 'svm'"),
+    (["probe", "deadbeef00"], 2, "No cache entry 'deadbeef00'"),
+    (["finetune", "/no/such/results"], 2, "'/no/such/results' does not exist and is not a probe result"),
+    (["finetune", "digits", "--model", "timm:resnet18", "--weights", "none", "--image-size", "32", "--layer",
+      "layer2", "--lr", "0"], 2, "--lr must be a positive number, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("args, code, message", BAD_PROBE, ids=[" ".join(a[:3]) for a, _, _ in BAD_PROBE])
+def test_bad_probe_and_finetune_input(capsys, args, code, message):
+    status, _, stderr = cli(capsys, *args)
+    assert status == code, stderr
+    assert message in " ".join(stderr.split())

@@ -28,6 +28,9 @@ _SEQUENCE_ATTRS = ("blocks", "layers", "stages")
 _SKIP_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten)
 _AUTO_TOKEN_BLOCKS = 6
 _HEAD_NAMES = ("classifier", "head", "heads", "fc")
+#: a wrapper module lists here the children that are whole networks (a fine-tuned model's
+#: ``backbone``): their blocks join the ladder as if they were the wrapper's own
+LADDER_ROOTS = "featx_ladder_roots"
 
 
 @dataclass(frozen=True)
@@ -181,9 +184,10 @@ def block_names(model: nn.Module) -> list[str]:
     out: list[str] = []
 
     def visit(module: nn.Module, prefix: str):
+        roots = getattr(module, LADDER_ROOTS, ())
         for name, child in module.named_children():
             full = f"{prefix}.{name}" if prefix else name
-            if _is_pure_container(child) or _wraps_sequence(child):
+            if _is_pure_container(child) or _wraps_sequence(child) or name in roots:
                 visit(child, full)
             else:
                 out.append(full)

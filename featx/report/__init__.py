@@ -1,0 +1,1 @@
+"""Reporting: result files, plots and plain-words advice."""

@@ -1,0 +1,81 @@
+"""Probe benchmark: ``featx.probe`` against a plain scikit-learn script doing the same work.
+
+The plain script is what a careful user would write by hand: the same splits (featx's
+protocol functions), the same estimators and grids, a fresh ``Pipeline(StandardScaler, clf)``
+for every grid point, one fit at a time, default BLAS threads. Both are timed in the same
+run, each in a fresh process; the ratio and the per-cell test accuracies are reported.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def plain_sklearn(entry_path: str, heads: list[str], seed: int = 0) -> dict:
+    import h5py
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featx.probing.heads import HEADS, grid_for
+    from featx.probing.protocol import assign_splits, validation_folds
+
+    t0 = time.perf_counter()
+    cells = {}
+    with h5py.File(entry_path, "r") as f:
+        ok = f["samples/ok"][()].astype(bool)
+        y = f["samples/label"][()][ok]
+        split = f["samples/split"].asstr()[()][ok]
+        layers = [name for name in __import__("json").loads(f["layers"].attrs["order"])]
+        splits = assign_splits(y, split, seed)
+        (fit, val), = validation_folds(y[splits.train], None, seed)
+        fit, val = splits.train[fit], splits.train[val]
+        for layer in layers:
+            X = f["layers"][layer][()][ok].astype(np.float32)
+            for name in heads:
+                head = HEADS[name]
+                grid = grid_for(head, len(splits.train))
+                scores = []
+                for params in grid:
+                    pipe = Pipeline([("scaler", StandardScaler()), ("clf", head.build(len(splits.train), seed))])
+                    pipe.set_params(**{f"clf__{k}": v for k, v in params.items()})
+                    scores.append(pipe.fit(X[fit], y[fit]).score(X[val], y[val]))
+                best = grid[int(np.argmax(scores))]
+                final = head.pipeline(len(splits.train), seed, best).fit(X[splits.train], y[splits.train])
+                cells[f"{layer}/{name}"] = {"params": best, "test_top1": float(final.score(X[splits.test],
+                                                                                           y[splits.test]))}
+    return {"seconds": time.perf_counter() - t0, "cells": cells}
+
+
+def featx_probe(entry_path: str, heads: list[str], seed: int = 0) -> dict:
+    import featx
+
+    t0 = time.perf_counter()
+    res = featx.probe(entry_path, heads=",".join(heads), seed=seed, out_dir=False, progress=False)
+    cells = {f"{r['layer']}/{r['head']}": {"params": r["params"], "test_top1": r["test_top1"]} for r in res.rows}
+    return {"seconds": time.perf_counter() - t0, "cells": cells, "jobs": res.protocol["jobs"]}
+
+
+def ensure_entry(image_size: int, limit: int | None, pool: str = "avg") -> str:
+    import featx
+
+    entry = featx.extract("fashion-mnist", image_size=image_size, limit=limit, pool=pool, progress=False)
+    return str(entry.path)
+
+
+def case_probe_vs_plain(run, image_size: int, limit: int | None, heads: list[str]) -> dict:
+    path = run(ensure_entry, image_size, limit)
+    plain = run(plain_sklearn, path, heads)
+    ours = run(featx_probe, path, heads)
+    diffs = {k: ours["cells"][k]["test_top1"] - plain["cells"][k]["test_top1"] for k in plain["cells"]}
+    best_plain = max(v["test_top1"] for v in plain["cells"].values())
+    best_ours = max(v["test_top1"] for v in ours["cells"].values())
+    return {
+        "entry": path, "image_size": image_size, "limit": limit, "heads": heads,
+        "plain_seconds": plain["seconds"], "featx_seconds": ours["seconds"], "jobs": ours["jobs"],
+        "speedup": plain["seconds"] / ours["seconds"], "target": ">= 3x at equal accuracy (within 0.3 points)",
+        "max_abs_accuracy_difference": max(abs(d) for d in diffs.values()),
+        "best_test_top1": {"plain": best_plain, "featx": best_ours},
+        "cells": {k: {"plain": plain["cells"][k], "featx": ours["cells"][k]} for k in plain["cells"]},
+    }

@@ -1,0 +1,142 @@
+"""One (layer, head) cell of the probe grid: select on validation data, refit, test once.
+
+The selection function receives the training rows only; it cannot see the test rows, so no
+hyper-parameter can depend on them. The test rows meet the refit model exactly once, in
+``evaluate``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_score
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from .heads import Head, grid_for
+
+BOOTSTRAP = 1000
+
+
+@dataclass
+class CellResult:
+    row: dict
+    test_pred: np.ndarray
+    model: object | None  # the refit Pipeline (None when too large to ship back, e.g. k-NN)
+
+
+def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int) -> tuple[dict, list[float], list[str]]:
+    """Best parameters by mean validation accuracy over ``folds`` of the training rows.
+
+    Ties go to the earlier grid entry (grids are ordered from the most regularised).
+    """
+    grid = grid_for(head, len(y))
+    if not grid:
+        return {}, [], []
+    totals = np.zeros(len(grid))
+    notes: set[str] = set()
+    for fit_idx, val_idx in folds:
+        scaler = StandardScaler().fit(X[fit_idx])
+        X_fit, X_val = scaler.transform(X[fit_idx]), scaler.transform(X[val_idx])
+        y_fit, y_val = y[fit_idx], y[val_idx]
+        if head.score_grid is not None:
+            totals += head.score_grid(X_fit, y_fit, X_val, y_val, grid)
+            continue
+        clf = head.build(len(y), seed)  # the variant (e.g. exact or approximate SVM) follows the training size
+        if head.warm_start:
+            clf.set_params(warm_start=True)
+        for i, params in enumerate(grid):
+            if not head.warm_start:
+                clf = clone(clf)
+            clf.set_params(**params)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                clf.fit(X_fit, y_fit)
+            notes.update(_convergence_notes(caught, params))
+            totals[i] += clf.score(X_val, y_val)
+    scores = list(totals / len(folds))
+    best = int(np.argmax(scores))
+    return dict(grid[best]), [float(s) for s in scores], sorted(notes)
+
+
+def _convergence_notes(caught, params) -> list[str]:
+    return [f"did not converge at {params}" for w in caught if issubclass(w.category, ConvergenceWarning)]
+
+
+def bootstrap_interval(correct: np.ndarray, seed: int, n: int = BOOTSTRAP) -> tuple[float, float]:
+    """95% percentile bootstrap interval of accuracy.
+
+    Resampling a 0/1 vector of length m with replacement gives Binomial(m, accuracy) hits, so
+    the bootstrap is drawn exactly without materialising m x n resamples.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    m = len(correct)
+    if m == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = rng.binomial(m, correct.mean(), size=n) / m
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _scores(model, X: np.ndarray) -> np.ndarray | None:
+    for method in ("predict_proba", "decision_function"):
+        if hasattr(model, method):
+            try:
+                return getattr(model, method)(X)
+            except (AttributeError, NotImplementedError):
+                continue
+    return None
+
+
+def evaluate(model, X_test: np.ndarray, y_test: np.ndarray, n_classes: int, seed: int) -> tuple[dict, np.ndarray]:
+    """The single use of the test rows."""
+    pred = model.predict(X_test)
+    correct = pred == y_test
+    metrics = {
+        "test_top1": float(correct.mean()),
+        "test_top1_ci": list(bootstrap_interval(correct, seed)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),
+        "macro_f1": float(f1_score(y_test, pred, average="macro", zero_division=0)),
+        "test_top5": None,
+    }
+    classes = getattr(model, "classes_", None)
+    if n_classes > 5 and classes is not None and len(classes) > 5:
+        scores = _scores(model, X_test)
+        if scores is not None and scores.ndim == 2:
+            metrics["test_top5"] = float(top_k_accuracy_score(y_test, scores, k=5, labels=classes))
+    return metrics, pred
+
+
+def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
+             folds, n_classes: int, seed: int, keep_model: bool = True, blas_threads: int = 1) -> CellResult:
+    """Select, refit on all training rows, test once. Runs inside a joblib worker."""
+    t0 = time.perf_counter()
+    with threadpool_limits(limits=blas_threads):
+        X_train, y_train = X[train], y[train]
+        params, grid_scores, notes = select(head, X_train, y_train, folds, seed)
+        model = head.pipeline(len(train), seed, params)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model.fit(X_train, y_train)
+        notes = sorted(set(notes) | set(_convergence_notes(caught, params)))
+        fit_seconds = time.perf_counter() - t0
+        metrics, pred = evaluate(model, X[test], y[test], n_classes, seed)
+    grid = grid_for(head, len(train))
+    row = {
+        **layer, "head": head.name, "params": _plain(params),
+        "val_top1": max(grid_scores) if grid_scores else None,
+        "grid": [{"params": _plain(p), "val_top1": s} for p, s in zip(grid, grid_scores)],
+        **metrics, "fit_seconds": round(fit_seconds, 3), "n_train": int(len(train)), "n_test": int(len(test)),
+        "notes": notes,
+    }
+    return CellResult(row, pred.astype(np.int64), model if keep_model else None)
+
+
+def _plain(params: dict) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}

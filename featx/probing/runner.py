@@ -1,0 +1,262 @@
+"""``featx.probe``: every cached layer × every head, compared under one honest protocol.
+
+It reads the cache only (no model is ever loaded), loads each layer once as float32, and
+runs the (layer, head) cells in parallel through joblib with BLAS pools capped to one thread
+per worker, so cores are never oversubscribed; the same code runs on a Dask cluster via
+joblib's Dask backend. Because every cell computes single-threaded with fixed seeds, serial
+and parallel runs give the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from .._runtime import available_cores
+from ..cache.entry import FeatureEntry
+from ..cache.store import CacheStore
+from ..backbones.ladder import Ladder, Layer
+from ..errors import DataError, UnknownLayerError, UsageError
+from .fit import CellResult, run_cell
+from .heads import resolve_heads
+from .protocol import VALIDATION_FRACTION, Splits, assign_splits, validation_folds
+from .stream import stream_cell
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("loky", "threading", "dask")
+
+
+@dataclass
+class ProbeResults:
+    """What ``probe`` found: one row per (layer, head), the best cell, advice and the files written."""
+
+    rows: list[dict]
+    best: dict
+    recommendation: str
+    protocol: dict
+    entry: dict
+    out_dir: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def best_per_head(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for row in self.rows:
+            cur = out.get(row["head"])
+            if cur is None or _val(row) > _val(cur):
+                out[row["head"]] = row
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "featx-probe-results", "version": 1, "featx_version": __version__,
+            "entry": self.entry, "protocol": self.protocol, "best": self.best,
+            "best_per_head": self.best_per_head(), "recommendation": self.recommendation,
+            "rows": self.rows, "seconds": round(self.seconds, 2), "files": self.files,
+        }
+
+
+def _val(row: dict) -> float:
+    v = row.get("val_top1")
+    return -1.0 if v is None else float(v)
+
+
+def _pick_layers(entry: FeatureEntry, layers) -> list:
+    """Cached layers chosen by the same grammar as extraction; indices count cached layers."""
+    if layers is None:
+        return list(entry.layers)
+    ladder_layers = {layer.name: layer for layer in entry.ladder.layers}
+    cached = []
+    for r in entry.layers:
+        base = ladder_layers.get(r.name) or Layer(r.name, -1, r.depth, r.raw_shape, r.kind, r.module)
+        cached.append(replace(base, index=len(cached), order=r.order))
+    view = Ladder(cached, [n for n in entry.ladder.auto if n in entry.layer_names], entry.ladder.input_size)
+    try:
+        picked = view.select(layers, entry.model)
+    except UnknownLayerError as exc:
+        raise UnknownLayerError(
+            f"{exc} This entry holds: {', '.join(entry.layer_names)}. Extract more with featx extract --layers."
+        ) from None
+    return [entry.layer(layer.name) for layer in picked]
+
+
+def _memory_budget() -> int:
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 8 * 1024**3
+    return int(available * 0.4)
+
+
+def probe(
+    entry,
+    heads=None,
+    layers=None,
+    *,
+    cv: int | None = None,
+    seed: int = 0,
+    jobs: int | None = None,
+    backend: str = "loky",
+    scheduler: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    memory_budget: int | None = None,
+    plots: bool = True,
+    progress: bool = True,
+) -> ProbeResults:
+    """Probe the layers of a cache entry with scikit-learn heads (see design §4).
+
+    ``heads``: names (``"logreg,knn"``), ``featx.probing.Head`` objects, or a dict of
+    ``{name: estimator}`` / ``{name: (estimator, grid)}`` for any scikit-learn classifier.
+    Writes results.json, results.csv, layers.png, confusion.png, best_head.joblib and
+    linear_head.npz into ``out_dir`` (default ``featx-results/<entry>``; ``out_dir=False``
+    writes nothing).
+    """
+    t_start = time.perf_counter()
+    if backend not in BACKENDS:
+        raise UsageError(f"Unknown backend {backend!r}. Valid: {', '.join(BACKENDS)}.")
+    if jobs is not None and (not isinstance(jobs, int) or jobs == 0 or jobs < -1):
+        raise UsageError(f"--jobs must be a positive integer or -1 (all cores), got {jobs!r}.")
+    store = CacheStore(cache_dir)
+    entry = store.resolve(entry)
+    head_list = resolve_heads(heads)
+    records = _pick_layers(entry, layers)
+
+    s = entry.samples()
+    ok = s["ok"]
+    y, split_names, ids = s["label"][ok], s["split"][ok], s["id"][ok]
+    splits = assign_splits(y, split_names, seed)
+    folds = validation_folds(y[splits.train], cv, seed)
+    n_classes = len(entry.classes)
+    jobs = available_cores() if jobs in (None, -1) else jobs
+    budget = _memory_budget() if memory_budget is None else int(memory_budget)
+
+    cells: list[CellResult] = []
+    order = {h.name: i for i, h in enumerate(head_list)}
+    streamed, in_memory = [], []
+    for r in records:
+        (streamed if len(y) * r.width * 4 > budget else in_memory).append(r)
+    for r in streamed:
+        log.info("layer %s (%s) exceeds the memory budget: streaming it through SGD", r.name, _mb(len(y) * r.width * 4))
+        cells += stream_cell(entry, r, head_list, ok, y, splits, folds, n_classes, seed)
+    cells += _run_grid(entry, in_memory, head_list, y, splits, folds, n_classes, seed, jobs, backend, scheduler,
+                       progress)
+    cells.sort(key=lambda c: (c.row["order"], order.get(c.row["head"], 99)))
+
+    rows = [c.row for c in cells]
+    best_cell = max(cells, key=lambda c: _val(c.row))  # max() keeps the first of equals: shallower, earlier head
+    protocol = {
+        "selection": f"{cv}-fold cross-validation" if cv else "stratified hold-out",
+        "cv": cv, "validation_fraction": None if cv else VALIDATION_FRACTION, "seed": seed,
+        "splits": splits.describe(), "bootstrap": "95% percentile interval, 1000 resamples",
+        "heads": {h.name: h.description for h in head_list}, "jobs": jobs, "backend": backend,
+        "ranking": "validation accuracy (the test split never influences selection)",
+    }
+    from ..report.advice import recommend
+
+    results = ProbeResults(
+        rows=rows, best=best_cell.row, recommendation=recommend(rows, best_cell.row, len(splits.train), n_classes),
+        protocol=protocol,
+        entry={"key": entry.key, "path": str(entry.path), "model": entry.model, "dataset": entry.dataset,
+               "classes": entry.classes, "config": entry.config},
+    )
+    results.seconds = time.perf_counter() - t_start
+    if out_dir is not False:
+        from ..report.outputs import write_results
+
+        if best_cell.model is None:  # k-NN models hold their training data: refit here, not shipped back
+            head = next(h for h in head_list if h.name == best_cell.row["head"])
+            X = _load_layer(entry, entry.layer(best_cell.row["layer"]))
+            best_cell.model = head.pipeline(len(splits.train), seed, best_cell.row["params"]).fit(
+                X[splits.train], y[splits.train])
+
+        target = Path(out_dir) if out_dir else Path("featx-results") / entry.path.stem
+        write_results(results, target, cells, best_cell, entry, ids, y, splits, plots=plots)
+    return results
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.0f} MB"
+
+
+def _load_layer(entry: FeatureEntry, record) -> np.ndarray:
+    X = entry.load(record.name).X
+    bad = ~np.isfinite(X)
+    if bad.any():
+        raise DataError(
+            f"Layer {record.name} holds {int(bad.sum())} non-finite values (NaN or inf); its features cannot be "
+            "probed. Re-extract it with --dtype float32, or leave the layer out with --layers."
+        )
+    return X
+
+
+def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, jobs, backend, scheduler,
+              progress) -> list[CellResult]:
+    if not records:
+        return []
+    from joblib import Parallel, delayed, parallel_config
+    from tqdm.auto import tqdm
+
+    seen: dict[str, str] = {}  # digest of a layer's features -> first layer with them
+    duplicates: dict[str, str] = {}
+
+    def tasks():
+        for r in records:
+            X = _load_layer(entry, r)  # once per layer, shared by all its heads
+            digest = hashlib.sha1(X.view(np.uint8)).hexdigest()
+            if digest in seen:  # e.g. the last map average-pooled is exactly pre_logits: probe it once
+                duplicates[r.name] = seen[digest]
+                continue
+            seen[digest] = r.name
+            meta = {"layer": r.name, "index": r.index, "depth": r.depth, "order": r.order, "width": r.width,
+                    "pool": r.pool}
+            for head in heads:
+                yield delayed(run_cell)(meta, head, X, y, splits.train, splits.test, folds, n_classes, seed,
+                                        keep_model=head.name != "knn")
+
+    total = len(records) * len(heads)
+    bar = tqdm(total=total, unit="cell", desc="probe", disable=not progress, dynamic_ncols=True)
+    client = None
+    try:
+        config = {"backend": backend, "n_jobs": jobs}
+        if backend == "dask":
+            client = _dask_client(scheduler, jobs)
+            config = {"backend": "dask", "n_jobs": -1}
+        with parallel_config(**config):
+            out = []
+            for cell in Parallel(return_as="generator", pre_dispatch="2*n_jobs")(tasks()):
+                out.append(cell)
+                bar.update(1 + sum(1 for d in duplicates.values() if d == cell.row["layer"]))
+        by_layer = {r.name: r for r in records}
+        for name, same_as in duplicates.items():
+            r = by_layer[name]
+            for cell in [c for c in out if c.row["layer"] == same_as]:
+                row = {**cell.row, "layer": r.name, "index": r.index, "depth": r.depth, "order": r.order,
+                       "width": r.width, "pool": r.pool, "notes": [*cell.row["notes"], f"identical features to {same_as}"]}
+                out.append(CellResult(row, cell.test_pred, cell.model))
+        return out
+    finally:
+        bar.close()
+        if client is not None:
+            client.close()
+
+
+def _dask_client(scheduler: str | None, jobs: int):
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise UsageError("--backend dask needs dask.distributed: pip install 'featx[dask]'") from None
+    if scheduler is None:
+        return Client(processes=True, n_workers=jobs, threads_per_worker=1, dashboard_address=None)
+    try:
+        return Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError) as exc:
+        raise UsageError(f"Cannot reach the Dask scheduler at {scheduler!r}: {exc}") from None

@@ -1,0 +1,111 @@
+"""Result files of a probe, written into a temporary folder and moved into place at once.
+
+A probe that fails half-way leaves nothing behind, and an earlier result folder is only
+replaced by a complete new one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+
+CSV_COLUMNS = ["layer", "index", "depth", "width", "pool", "head", "params", "val_top1", "test_top1",
+               "test_top1_ci_low", "test_top1_ci_high", "test_top5", "balanced_accuracy", "macro_f1",
+               "fit_seconds", "n_train", "n_test", "best"]
+
+
+def strict(obj):
+    """JSON-safe copy: NaN and infinities become null, numpy scalars plain numbers."""
+    if isinstance(obj, dict):
+        return {str(k): strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return strict(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(strict(obj), indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict], best: dict) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({
+                **{k: r.get(k) for k in CSV_COLUMNS if k in r},
+                "params": json.dumps(strict(r["params"]), sort_keys=True),
+                "test_top1_ci_low": r["test_top1_ci"][0], "test_top1_ci_high": r["test_top1_ci"][1],
+                "best": r["layer"] == best["layer"] and r["head"] == best["head"],
+            })
+
+
+def write_results(results, target: Path, cells, best_cell, entry, ids, y, splits, plots: bool = True) -> None:
+    import joblib
+
+    from ..probing.linear_head import LinearHead
+    from .plots import ConfusionDisplay, LayerCurveDisplay
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {"json": "results.json", "csv": "results.csv"}
+    try:
+        best = best_cell.row
+        test_ids = [str(i) for i in ids[splits.test]]
+        joblib.dump(best_cell.model, tmp / "best_head.joblib")
+        write_json(tmp / "best_head.json", {
+            "layer": best["layer"], "head": best["head"], "params": best["params"], "classes": entry.classes,
+            "entry_key": entry.key, "pool": best["pool"], "featx_version": __version__,
+            "sklearn_version": __import__("sklearn").__version__,
+            "input": f"float32 features of layer {best['layer']} from cache entry {entry.key[:12]}",
+            "warning": "a pickle runs code when loaded: only load files you trust (joblib.load)",
+        })
+        files["best_head"] = "best_head.joblib"
+        linear = next((c for c in cells if c.row["layer"] == best["layer"] and c.row["head"] == "logreg"
+                       and c.model is not None), None)
+        if linear is not None:
+            LinearHead.from_pipeline(linear.model, best["layer"], len(entry.classes), meta={
+                "entry_key": entry.key, "params": linear.row["params"], "test_top1": linear.row["test_top1"],
+                "test_ids": test_ids, "test_pred": linear.test_pred.tolist(), "classes": entry.classes,
+            }).save(tmp)
+            files["linear_head"] = "linear_head.npz"
+        if plots:
+            title = f"{entry.dataset} × {entry.model}"
+            LayerCurveDisplay.from_rows(results.rows, title=title, best=best).save(tmp / "layers.png")
+            ConfusionDisplay.from_predictions(
+                y[splits.test], best_cell.test_pred, entry.classes,
+                title=f"{best['head']} on {best['layer']}: test top-1 {best['test_top1']:.3f}",
+            ).save(tmp / "confusion.png")
+            files.update(plot="layers.png", confusion="confusion.png")
+        results.files = files
+        write_csv(tmp / "results.csv", results.rows, best)
+        write_json(tmp / "results.json", results.to_dict())
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results.out_dir = target
