@@ -14,7 +14,6 @@ import resource
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 MODEL = "efficientnet_lite0"
 

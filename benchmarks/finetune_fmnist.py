@@ -5,10 +5,8 @@
     python -m benchmarks.finetune_fmnist --results DIR        # start from an existing featx probe result
 
 Steps, each timed: (1) extract the ``auto`` layers at ``--image-size`` into the cache;
-(2) a probe: by default a quick built-in one (logistic regression per layer, C=0.1, the layer
-chosen on a validation hold-out of the training split, refit on the whole training split and
-tested once), or ``--probe featx`` for ``featx.probe`` with its logreg grid; both write
-``results.json`` + ``linear_head.npz`` (skipped with ``--results``); (3) fine-tuning from that
+(2) ``featx.probe`` with its logreg head (the layer and C chosen on validation data), which
+writes ``results.json`` + ``linear_head.npz`` (skipped with ``--results``); (3) fine-tuning from that
 layer twice with the same budget: LP-FT (head from the probe) and a random head;
 (4) JSON to ``benchmarks/results/finetune.json``: test top-1 with 95% intervals, per-epoch
 history, seconds per phase, and whether 0.93 was reached.
@@ -25,66 +23,10 @@ import json
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.93
-
-
-def probe_style_result(entry, directory: Path, seed: int = 0, C: float = 0.1, select_rows: int = 10000) -> dict:
-    """The probe's contract without the probe: per-layer logistic regression chosen on validation.
-
-    Selection fits use at most ``select_rows`` of the fit rows (stratified) to keep the grid
-    quick; the chosen layer is refit on every training row, tested once, and saved as the
-    LP-FT starting head.
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from featx.probing.linear_head import LinearHead
-    from featx.probing.protocol import assign_splits, validation_folds
-
-    def pipeline():
-        return Pipeline([("scaler", StandardScaler()), ("clf", LogisticRegression(C=C, max_iter=300))])
-
-    directory.mkdir(parents=True, exist_ok=True)
-    val_top1 = {}
-    splits = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for layer in entry.layer_names:
-            f = entry.load(layer)
-            splits = assign_splits(f.y, f.split, seed)
-            (fit, val), = validation_folds(f.y[splits.train], None, seed)
-            fit_rows, val_rows = splits.train[fit], splits.train[val]
-            if len(fit_rows) > select_rows:
-                fit_rows, _ = train_test_split(fit_rows, train_size=select_rows, random_state=seed,
-                                               stratify=f.y[fit_rows])
-            model = pipeline().fit(f.X[fit_rows], f.y[fit_rows])
-            val_top1[layer] = float(model.score(f.X[val_rows], f.y[val_rows]))
-            print(f"  probe {layer}: val top-1 {val_top1[layer]:.4f}", file=sys.stderr, flush=True)
-        best = max(val_top1, key=val_top1.get)
-        f = entry.load(best)
-        model = pipeline().fit(f.X[splits.train], f.y[splits.train])
-    pred = model.predict(f.X[splits.test])
-    test_top1 = float((pred == f.y[splits.test]).mean())
-    meta = {"entry_key": entry.key, "test_ids": [str(i) for i in f.ids[splits.test]],
-            "test_pred": [int(p) for p in pred], "C": C}
-    LinearHead.from_pipeline(model, best, len(entry.classes), meta=meta).save(directory)
-    results = {
-        "entry": {"key": entry.key, "path": str(entry.path), "model": entry.model, "dataset": entry.dataset,
-                  "config": entry.config},
-        "protocol": {"seed": seed, "splits": splits.describe(), "selection": "validation hold-out"},
-        "best": {"layer": best, "head": "logreg", "test_top1": test_top1},
-        "rows": [{"layer": layer, "head": "logreg", "val_top1": v, "test_top1": test_top1 if layer == best else None}
-                 for layer, v in val_top1.items()],
-    }
-    (directory / "results.json").write_text(json.dumps(results, indent=2))
-    return {"val_top1": val_top1, "best_layer": best, "test_top1": test_top1}
 
 
 def _run_summary(result, wall: float) -> dict:
@@ -104,8 +46,6 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--heads", default="lpft,random", help="Which head initialisations to run.")
     parser.add_argument("--results", type=Path, default=None, help="Use this probe result instead of steps 1-2.")
-    parser.add_argument("--probe", choices=("builtin", "featx"), default="builtin",
-                        help="builtin: one logreg per layer (predictable time); featx: featx.probe, logreg head.")
     parser.add_argument("--workdir", type=Path, default=Path("featx-results") / "bench-finetune",
                         help="Where the probe result and the fine-tuning runs go.")
     parser.add_argument("--cache-dir", type=Path, default=None)
@@ -137,16 +77,13 @@ def main(argv=None) -> None:
                              "seconds": round(time.perf_counter() - t0, 1)}
         t0 = time.perf_counter()
         results_dir = workdir / "probe"
-        if args.probe == "featx":
-            from featx.probing import probe
+        from featx.probing import probe
 
-            res = probe(entry, heads="logreg", seed=args.seed, out_dir=results_dir, cache_dir=args.cache_dir,
-                        progress=not args.no_progress)
-            summary = {"best_layer": res.best["layer"], "test_top1": res.best["test_top1"],
-                       "val_top1": {r["layer"]: r["val_top1"] for r in res.rows}}
-        else:
-            summary = probe_style_result(entry, results_dir, seed=args.seed)
-        report["probe"] = {**summary, "kind": args.probe, "seconds": round(time.perf_counter() - t0, 1),
+        res = probe(entry, heads="logreg", seed=args.seed, out_dir=results_dir, cache_dir=args.cache_dir,
+                    progress=not args.no_progress)
+        summary = {"best_layer": res.best["layer"], "test_top1": res.best["test_top1"],
+                   "val_top1": {r["layer"]: r["val_top1"] for r in res.rows}}
+        report["probe"] = {**summary, "seconds": round(time.perf_counter() - t0, 1),
                            "results_dir": str(results_dir)}
     else:
         data = json.loads((Path(results_dir) / "results.json").read_text())

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import FeatxError
+from .report.text import human_bytes
 
 app = typer.Typer(
     name="featx",
@@ -100,14 +101,6 @@ def main_options(
     _configure_logging(verbose, quiet)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _print_entry(entry, title: str | None = None) -> None:
     table = Table(title=title, show_header=True, header_style="bold")
     for col in ("index", "layer", "depth", "raw shape", "pool", "width", "dtype"):
@@ -163,7 +156,7 @@ def extract(
 def _report_extract(entry) -> None:
     run = getattr(entry, "last_run", None)
     _print_entry(entry, title=f"{entry.dataset} × {entry.model}  ({entry.n_samples} images)")
-    out.print(f"entry  {entry.key[:16]}  {entry.path}  ({_human(entry.size_bytes)})")
+    out.print(f"entry  {entry.key[:16]}  {entry.path}  ({human_bytes(entry.size_bytes)})")
     if run is not None and not run.forward_pass:
         out.print("cache hit: no forward pass was needed")
     elif run is not None:
@@ -190,6 +183,7 @@ Plots = Annotated[bool, typer.Option("--plots/--no-plots", help="Write layers.pn
 #: defaults of ``featx run``, chosen so the main job finishes in minutes on a 2-core CPU (README)
 RUN_HEADS = "logreg,knn,mlp"
 RUN_IMAGE_SIZE = 96
+RUN_POOL = "grid2"  # coarse layout matters for small images: +2 points over avg on Fashion-MNIST (README)
 
 
 def _looks_like_entry(target: str) -> bool:
@@ -293,7 +287,7 @@ def run(
     model: Model = "efficientnet_lite0",
     heads: Heads = RUN_HEADS,
     layers: Layers = "auto",
-    pool: Pool = "avg",
+    pool: Pool = RUN_POOL,
     image_size: Annotated[Optional[int], typer.Option(help=f"Input size in pixels (default {RUN_IMAGE_SIZE}: "
                                                       "quick on a CPU; 0 = the model's own).")] = RUN_IMAGE_SIZE,
     limit: Limit = None,
@@ -481,7 +475,7 @@ def cache_ls() -> None:
             limit = c["dataset"].get("limit")
             dataset = e.dataset + (f" (limit {limit['n']})" if limit else "")
             table.add_row(e.key[:12], dataset, e.model, str(c["preprocessing"]["crop_size"]), c["pooling"]["pool"],
-                          c["dtype"], str(e.n_samples), str(len(e.layers)), _human(e.size_bytes), e.updated)
+                          c["dtype"], str(e.n_samples), str(len(e.layers)), human_bytes(e.size_bytes), e.updated)
     out.print(table)
 
 
@@ -508,7 +502,7 @@ def cache_info(
         info["errors"] = [{"id": i, "error": r} for i, r in e.errors()]
         out.print_json(json.dumps(info))
         return
-    out.print(f"[bold]{info['key']}[/bold]\n{info['path']} ({_human(info['size_bytes'])})")
+    out.print(f"[bold]{info['key']}[/bold]\n{info['path']} ({human_bytes(info['size_bytes'])})")
     out.print(f"model    {info['model']}\ndataset  {info['dataset']}  samples {info['samples']}  "
               f"splits {info['splits']}  classes {len(info['classes'])}")
     out.print(f"config   {json.dumps({k: v for k, v in info['config'].items() if k != 'dataset'})}")

@@ -200,3 +200,12 @@ def test_non_finite_features_are_refused_and_nothing_is_written(entry, tmp_path,
 def test_splits_object_describes_itself():
     s = Splits(np.arange(8), np.arange(8, 10), "seeded", 1)
     assert s.describe() == {"train": 8, "test": 2, "test_source": "seeded", "seed": 1, "test_fraction": 0.2}
+
+
+def test_regularisation_path_stops_once_validation_has_turned():
+    from featx.probing.fit import _path_has_turned
+
+    assert not _path_has_turned(np.array([0.80, 0.85, 0.84]))
+    assert _path_has_turned(np.array([0.80, 0.85, 0.84, 0.83]))
+    assert not _path_has_turned(np.array([0.80, 0.85, 0.84, 0.845]))  # came back up: keep walking
+    assert not _path_has_turned(np.array([0.80, 0.82, 0.84, 0.86]))

@@ -55,7 +55,7 @@ class Layer:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Layer":
+    def from_dict(cls, d: dict) -> Layer:
         d = dict(d)
         d["raw_shape"], d["aliases"] = tuple(d["raw_shape"]), tuple(d.get("aliases", ()))
         return cls(**d)
@@ -75,7 +75,7 @@ class Ladder:
                 "layers": [layer.to_dict() for layer in self.layers]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Ladder":
+    def from_dict(cls, d: dict) -> Ladder:
         return cls([Layer.from_dict(x) for x in d["layers"]], list(d["auto"]), int(d["input_size"]))
 
     def by_name(self) -> dict[str, Layer]:

@@ -144,7 +144,7 @@ def parse_model(name: str, weights: str | None = None, checkpoint: str | os.Path
         )
     import timm
 
-    pool = list(BUNDLED) + [f"torchvision:{n}" for n in _torchvision_names()] + [f"timm:{n}" for n in timm.list_models()]
+    pool = [*BUNDLED, *(f"torchvision:{n}" for n in _torchvision_names()), *(f"timm:{n}" for n in timm.list_models())]
     raise UnknownModelError(
         f"Unknown model {name!r}.{did_you_mean(name, pool)} List models with: featx models '*{name[:8]}*'"
     )
@@ -292,7 +292,7 @@ def _fetch_hf(repo: str, name: str) -> Path:
         cached = try_to_load_from_cache(repo, filename)
         if isinstance(cached, str) and os.path.isfile(cached):
             return Path(cached)
-    from huggingface_hub.constants import HF_HUB_CACHE, ENDPOINT
+    from huggingface_hub.constants import ENDPOINT, HF_HUB_CACHE
 
     errors = []
     if not _reachable(ENDPOINT):
@@ -411,20 +411,15 @@ def build_model(info: ModelInfo, image_size: int | None = None) -> nn.Module:
 
             arch = BUNDLED[spec.arch][0] if spec.source == "bundled" else spec.arch
             kwargs = {}
-            if image_size is not None and image_size != info.preprocessing.crop_size:
-                cfg = timm.models.get_pretrained_cfg(arch.split(".")[0] if "." not in arch else arch)
-                if cfg is not None and cfg.fixed_input_size:
-                    kwargs["img_size"] = image_size
-            try:
-                if spec.source == "timm" and weights == "pretrained":
-                    model = timm.create_model(
-                        arch, pretrained=True, pretrained_cfg_overlay={"file": str(info.weights_file)}, **kwargs
-                    )
-                else:
-                    model = timm.create_model(arch.split(".")[0] if weights == "none" else arch, pretrained=False, **kwargs)
-            except TypeError:
-                kwargs.pop("img_size", None)
-                model = timm.create_model(arch, pretrained=False)
+            cfg = timm.models.get_pretrained_cfg(arch)
+            if image_size is not None and cfg is not None and cfg.fixed_input_size and \
+                    image_size != info.preprocessing.crop_size:
+                kwargs["img_size"] = image_size  # ViT-style models resample their position embedding
+            if spec.source == "timm" and weights == "pretrained":
+                overlay = {"file": str(info.weights_file)}
+                model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+            else:
+                model = timm.create_model(arch, pretrained=False, **kwargs)
             if spec.source == "bundled" and weights == "pretrained":
                 state = read_state_dict(info.weights_file)
                 check_and_load(model, lukemelas_to_timm(state, model), str(info.weights_file))

@@ -76,7 +76,7 @@ class LayerTaps:
             h.remove()
         self._handles = []
 
-    def __enter__(self) -> "LayerTaps":
+    def __enter__(self) -> LayerTaps:
         return self
 
     def __exit__(self, *exc) -> None:

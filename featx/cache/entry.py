@@ -20,7 +20,6 @@ Every dataset carries a fletcher32 checksum, so flipped bits are caught when rea
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 
 from ..backbones.ladder import Ladder
 from ..errors import CacheCorruptError, UnknownLayerError, close_matches
-from .key import canonical_json, config_key
+from .key import canonical_json, config_key, strings_digest
 
 ENCODING_TYPE = "featx-features"
 ENCODING_VERSION = "1"
@@ -73,16 +72,6 @@ class Features:
 
 def _str_array(ds) -> np.ndarray:
     return np.asarray(ds.asstr()[()], dtype=object)
-
-
-def strings_digest(*columns) -> str:
-    h = hashlib.sha256()
-    for column in columns:
-        for value in column:
-            h.update(str(value).encode("utf-8"))
-            h.update(b"\x1f")
-        h.update(b"\x1e")
-    return h.hexdigest()
 
 
 def chunk_rows(width: int, itemsize: int, n: int) -> int:

@@ -67,3 +67,14 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return "sha256:" + h.hexdigest()
+
+
+def strings_digest(*columns) -> str:
+    """sha256 over columns of values as text; columns and values are delimited unambiguously."""
+    h = hashlib.sha256()
+    for column in columns:
+        for value in column:
+            h.update(str(value).encode("utf-8"))
+            h.update(b"\x1f")
+        h.update(b"\x1e")
+    return h.hexdigest()

@@ -35,8 +35,8 @@ from .entry import (
     LayerRecord,
     chunk_rows,
     config_json,
-    strings_digest,
 )
+from .key import strings_digest
 from .partial import PartialRun, fsync_dir
 
 log = logging.getLogger(__name__)

@@ -13,28 +13,18 @@ import hashlib
 import os
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..cache.key import strings_digest
 from ..errors import DatasetNotFoundError, UsageError
 from .images import ImageDecodeError, decode_image, to_rgb
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
 )
-
-
-def _hash_strings(*columns: Sequence) -> str:
-    h = hashlib.sha256()
-    for column in columns:
-        for value in column:
-            h.update(str(value).encode("utf-8"))
-            h.update(b"\x1f")
-        h.update(b"\x1e")
-    return h.hexdigest()
 
 
 class ImageSource(ABC):
@@ -69,12 +59,12 @@ class ImageSource(ABC):
         return {
             "source": self.spec,
             "n": len(self),
-            "samples": _hash_strings(self.ids, self.labels, self.splits),
+            "samples": strings_digest(self.ids, self.labels, self.splits),
             "classes": list(self.classes),
             "content": self.content_digest(),
         }
 
-    def subset(self, indices: np.ndarray) -> "ImageSource":
+    def subset(self, indices: np.ndarray) -> ImageSource:
         return SubsetSource(self, np.asarray(indices, dtype=np.int64))
 
 

@@ -44,14 +44,14 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(
             int(d["crop_size"]), int(d["resize_size"]), str(d["interpolation"]),
             tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]),
         )
 
     def override(self, image_size: int | None = None, crop_pct: float | None = None,
-                 interpolation: str | None = None) -> "Preprocessing":
+                 interpolation: str | None = None) -> Preprocessing:
         """Apply user overrides; the crop ratio of the model is kept unless given."""
         if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
             raise UsageError(f"--image-size must be an integer >= 8, got {image_size!r}.")

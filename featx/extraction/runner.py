@@ -15,7 +15,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from .._runtime import (
     resolve_device,
     tune_malloc,
 )
-from ..backbones.ladder import Ladder, Layer, trace_ladder
+from ..backbones.ladder import Layer, trace_ladder
 from ..backbones.pooling import check_pool, layer_rule, pooled_width
 from ..backbones.registry import DEFAULT_MODEL, ModelInfo, build_model, describe_model, parse_model
 from ..backbones.taps import LayerTaps
@@ -39,6 +38,7 @@ from ..cache.store import CacheStore
 from ..data import ImageDataset, open_dataset, stratified_limit
 from ..data.sources import ImageSource
 from ..errors import BadImageError, CacheCorruptError, FeatureOverflowError, UnknownLayerError, UsageError
+from ..report.text import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +224,11 @@ def _build(store, key, config, base, source, info, pre, layers, pool, token_pool
     estimate = n * sum(widths.values()) * itemsize
     log.info(
         "extracting %d layer(s) of %s from %d images at %dpx: about %s on disk (%s)",
-        len(todo), info.spec.name, n, pre.crop_size, _human(estimate), dtype,
+        len(todo), info.spec.name, n, pre.crop_size, human_bytes(estimate), dtype,
     )
     if pool == "none" and estimate > NONE_POOL_BUDGET and not force:
         raise UsageError(
-            f"--pool none would write {_human(estimate)} (budget {_human(NONE_POOL_BUDGET)}). "
+            f"--pool none would write {human_bytes(estimate)} (budget {human_bytes(NONE_POOL_BUDGET)}). "
             "Pick fewer layers, a pooling such as grid3, or pass --force."
         )
 
@@ -346,8 +346,8 @@ def _forward_pass(net, layers: list[Layer], rules, source, pre, dev: Device, run
                 rows = images.shape[0]
                 ok = np.array([r == "" for r in reasons], dtype=bool)
                 if strict and not ok.all():
-                    i = start + filled + int(np.flatnonzero(~ok)[0])
-                    raise BadImageError(f"Unreadable image {source.location(i)}: {reasons[int(np.flatnonzero(~ok)[0])]}")
+                    first = int(np.flatnonzero(~ok)[0])
+                    raise BadImageError(f"Unreadable image {source.location(start + filled + first)}: {reasons[first]}")
                 x = normalise(images).contiguous(memory_format=torch.channels_last)
                 if dev.autocast_dtype is not None:
                     with torch.autocast(dev.torch_device.type, dtype=dev.autocast_dtype):
@@ -356,7 +356,7 @@ def _forward_pass(net, layers: list[Layer], rules, source, pre, dev: Device, run
                     pooled = taps(x)
                 host = torch.cat([pooled[name] for name in names], dim=1).cpu().numpy()
                 offset = 0
-                for layer, name in zip(layers, names):
+                for name in names:
                     width = pooled[name].shape[1]
                     block = host[:, offset:offset + width]
                     offset += width
@@ -400,11 +400,3 @@ def _check_finite(block: np.ndarray, ok: np.ndarray, name: str, out_dtype, sourc
             f"Layer {name} has activations up to {np.abs(good).max():.3g}, beyond float16's "
             f"{FLOAT16_MAX:.0f}; storing them would write inf. Use --dtype float32."
         )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"

@@ -33,7 +33,7 @@ class Augmentation:
     degrees: float = 10.0
 
     @classmethod
-    def default_for(cls, image_size: int) -> "Augmentation":
+    def default_for(cls, image_size: int) -> Augmentation:
         return cls(SMALL_SCALE if image_size <= SMALL_IMAGE else LARGE_SCALE)
 
     def to_dict(self) -> dict:

@@ -50,14 +50,14 @@ class TrainOptions:
     #: auto: frozen, except for randomly initialised weights, whose statistics mean nothing
     bn_stats: str = "auto"
 
-    def with_defaults(self) -> "TrainOptions":
+    def with_defaults(self) -> TrainOptions:
         """Fill the optimiser-dependent defaults (after ``check``)."""
         lr, wd = OPTIMIZER_DEFAULTS[self.optimizer]
         return replace(self, lr=self.lr if self.lr is not None else lr,
                        weight_decay=self.weight_decay if self.weight_decay is not None else wd,
                        unfreeze=check_unfreeze(self.unfreeze), patience=self.patience or None)
 
-    def replace(self, **changes) -> "TrainOptions":
+    def replace(self, **changes) -> TrainOptions:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -46,7 +46,7 @@ class FinetuneResult:
         return strict(d)
 
     @classmethod
-    def from_json(cls, d: dict) -> "FinetuneResult":
+    def from_json(cls, d: dict) -> FinetuneResult:
         d = dict(d)
         d["out_dir"] = Path(d["out_dir"])
         d["paths"] = {k: Path(v) for k, v in d["paths"].items()}

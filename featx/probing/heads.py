@@ -118,7 +118,9 @@ def grid_for(head: Head, n_train: int) -> list[dict]:
 def custom_head(name: str, estimator: BaseEstimator, grid: Sequence[dict] | None = None) -> Head:
     """Any scikit-learn classifier as a probe head (Python API)."""
     if not hasattr(estimator, "fit") or not hasattr(estimator, "predict"):
-        raise UsageError(f"Head {name!r} must be a scikit-learn classifier (fit/predict), got {type(estimator).__name__}.")
+        raise UsageError(
+            f"Head {name!r} must be a scikit-learn classifier (fit/predict), got {type(estimator).__name__}."
+        )
     return Head(name, lambda n, seed, _e=estimator: clone(_e), list(grid or [{}]),
                 description=f"custom {type(estimator).__name__}")
 

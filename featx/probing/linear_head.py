@@ -30,7 +30,7 @@ class LinearHead:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def from_pipeline(cls, pipeline, layer: str, n_classes: int, meta: dict | None = None) -> "LinearHead":
+    def from_pipeline(cls, pipeline, layer: str, n_classes: int, meta: dict | None = None) -> LinearHead:
         """From a fitted ``Pipeline([StandardScaler, LogisticRegression])``."""
         scaler, clf = pipeline[0], pipeline[-1]
         coef = np.asarray(clf.coef_, dtype=np.float64)
@@ -70,7 +70,7 @@ class LinearHead:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "LinearHead":
+    def load(cls, directory: str | Path) -> LinearHead:
         path = Path(directory) / FILENAME
         if not path.is_file():
             raise UsageError(

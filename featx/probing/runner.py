@@ -20,9 +20,9 @@ import numpy as np
 
 from .. import __version__
 from .._runtime import available_cores
+from ..backbones.ladder import Ladder, Layer
 from ..cache.entry import FeatureEntry
 from ..cache.store import CacheStore
-from ..backbones.ladder import Ladder, Layer
 from ..errors import DataError, UnknownLayerError, UsageError
 from .fit import CellResult, run_cell
 from .heads import resolve_heads
@@ -240,7 +240,8 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
             r = by_layer[name]
             for cell in [c for c in out if c.row["layer"] == same_as]:
                 row = {**cell.row, "layer": r.name, "index": r.index, "depth": r.depth, "order": r.order,
-                       "width": r.width, "pool": r.pool, "notes": [*cell.row["notes"], f"identical features to {same_as}"]}
+                       "width": r.width, "pool": r.pool,
+                       "notes": [*cell.row["notes"], f"identical features to {same_as}"]}
                 out.append(CellResult(row, cell.test_pred, cell.model))
         return out
     finally:

@@ -33,10 +33,11 @@ def recommend(rows: list[dict], best: dict, n_train: int, n_classes: int) -> str
         )
     else:
         lines.append(
-            f"Accuracy peaks at {best['layer']} and the deepest layer ({deepest['layer']}) loses {100 * drop:.1f} points "
-            "(validation): the top of the network is specialised to its pretraining classes, a sign that these images "
-            f"differ from them. Fine-tune from {best['layer']} on (featx finetune RESULTS_DIR), keeping the layers "
-            "below it frozen, or use its features directly."
+            f"Accuracy peaks at {best['layer']} and the deepest layer ({deepest['layer']}) loses "
+            f"{100 * drop:.1f} points (validation): the top of the network is specialised to its pretraining "
+            "classes, a sign that these images differ from them. "
+            f"Fine-tune from {best['layer']} on (featx finetune RESULTS_DIR), keeping the layers below it "
+            "frozen, or use its features directly."
         )
     per_class = n_train / max(1, n_classes)
     if per_class < 100:

@@ -29,7 +29,7 @@ class LayerCurveDisplay:
     ax_: object
 
     @classmethod
-    def from_rows(cls, rows: list[dict], title: str = "", best: dict | None = None) -> "LayerCurveDisplay":
+    def from_rows(cls, rows: list[dict], title: str = "", best: dict | None = None) -> LayerCurveDisplay:
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
         heads = list(dict.fromkeys(r["head"] for r in rows))
@@ -73,7 +73,7 @@ class ConfusionDisplay:
     matrix: np.ndarray
 
     @classmethod
-    def from_predictions(cls, y_true, y_pred, classes: list[str], title: str = "") -> "ConfusionDisplay":
+    def from_predictions(cls, y_true, y_pred, classes: list[str], title: str = "") -> ConfusionDisplay:
         plt = _pyplot()
         n = len(classes)
         matrix = np.zeros((n, n), dtype=np.int64)
