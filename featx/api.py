@@ -1,7 +1,12 @@
-"""The Python API: the same verbs as the command line."""
+"""The Python API: the same verbs as the command line.
+
+The probe and fine-tune stages (scikit-learn, training code) load on first use, so that
+``featx extract`` and a cache hit do not pay for importing them.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 from .backbones.ladder import Ladder, trace_ladder
@@ -9,10 +14,18 @@ from .backbones.registry import DEFAULT_MODEL, ModelListing, build_model, descri
 from .cache.entry import FeatureEntry, Features
 from .cache.store import CacheStore
 from .extraction import extract
-from .finetuning import finetune
-from .probing import ProbeResults, probe
 
 __all__ = ["extract", "load_features", "layers", "models", "open_entry", "probe", "run", "finetune"]
+
+_LAZY = {"probe": ".probing", "ProbeResults": ".probing", "finetune": ".finetuning"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __package__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'featx.api' has no attribute {name!r}")
 
 
 def open_entry(entry, cache_dir: str | os.PathLike | None = None) -> FeatureEntry:
@@ -48,8 +61,13 @@ def models(pattern: str | None = None) -> list[ModelListing]:
 
 def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=None, probe_layers=None,
         cv: int | None = None, jobs: int | None = None, backend: str = "loky", scheduler: str | None = None,
-        out_dir=None, seed: int = 0, progress: bool = True, **extract_options) -> ProbeResults:
-    """The main job: extract (through the cache) then probe every extracted layer and report."""
+        out_dir=None, seed: int = 0, progress: bool = True, **extract_options):
+    """The main job: extract (through the cache) then probe every extracted layer and report.
+
+    Returns the :class:`~featx.probing.ProbeResults` of the probe.
+    """
+    from .probing import probe
+
     entry = extract(dataset, model, seed=seed, progress=progress, **extract_options)
     return probe(entry, heads=heads, layers=probe_layers, cv=cv, seed=seed, jobs=jobs, backend=backend,
                  scheduler=scheduler, out_dir=out_dir, cache_dir=extract_options.get("cache_dir"),

@@ -144,3 +144,21 @@ def test_bad_probe_and_finetune_input(capsys, args, code, message):
     status, _, stderr = cli(capsys, *args)
     assert status == code, stderr
     assert message in " ".join(stderr.split())
+
+
+def test_progress_bars_redraw_rarely_when_written_to_a_log(monkeypatch):
+    import io
+    import sys
+
+    from featx._progress import LOG_INTERVAL, progress_bar
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file: not a terminal
+    bar = progress_bar(total=10, desc="extract", unit="img", file=sys.stderr)
+    assert bar.mininterval == LOG_INTERVAL
+    bar.close()
+    tty = io.StringIO()
+    tty.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", tty)
+    bar = progress_bar(total=10, desc="extract", unit="img", file=sys.stderr)
+    assert bar.mininterval < 1
+    bar.close()

@@ -209,3 +209,10 @@ def test_regularisation_path_stops_once_validation_has_turned():
     assert _path_has_turned(np.array([0.80, 0.85, 0.84, 0.83]))
     assert not _path_has_turned(np.array([0.80, 0.85, 0.84, 0.845]))  # came back up: keep walking
     assert not _path_has_turned(np.array([0.80, 0.82, 0.84, 0.86]))
+
+
+def test_depth_plot_labels_of_neighbouring_layers_do_not_overlap():
+    from featx.report.plots import _depth_labels
+
+    labels = _depth_labels([(0.06, "blocks.0"), (0.67, "blocks.4"), (0.99, "bn2"), (1.0, "pre_logits")])
+    assert labels == ["blocks.0\n0.06", "blocks.4\n0.67", "", "bn2 / pre_logits\n0.99 / 1.00"]

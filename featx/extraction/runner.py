@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .._progress import progress_bar
 from .._runtime import (
     Device,
     available_cores,
@@ -311,7 +312,6 @@ class _ShardWriter:
 
 def _forward_pass(net, layers: list[Layer], rules, source, pre, dev: Device, run, shards, bs, workers,
                   dtype, strict, progress, initial):
-    from tqdm.auto import tqdm
 
     n_workers = default_workers(dev, source) if workers is None else workers
     previous_threads = torch.get_num_threads()
@@ -337,8 +337,8 @@ def _forward_pass(net, layers: list[Layer], rules, source, pre, dev: Device, run
     oks: list[np.ndarray] = []
     errs: list[str] = []
     filled = 0
-    bar = tqdm(total=len(source), initial=initial, unit="img", desc="extract", disable=not progress,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = progress_bar(total=len(source), initial=initial, unit="img", desc="extract", disable=not progress,
+                       smoothing=0.1)
     taps = LayerTaps(net, layers, rules)
     try:
         with torch.inference_mode():

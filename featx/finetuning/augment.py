@@ -17,10 +17,14 @@ import torch
 from PIL import Image
 
 #: Inputs at or below this size are small images (Fashion-MNIST, CIFAR upscaled): objects fill
-#: the frame, so crops keep at least 64% of the area; larger photos take the usual wide range.
+#: a centred frame, so the crop is a mild zoom and shift (at least 80% of the area, nearly
+#: square, no rotation; the CIFAR-style pad-and-crop amount). Measured on Fashion-MNIST at
+#: 96 px with 4 epochs: the wider crops plus +-10 degrees kept training accuracy below
+#: validation accuracy all along and ended 1 point lower on test (README). Larger photos
+#: take the usual wide range.
 SMALL_IMAGE = 128
-SMALL_SCALE = (0.64, 1.0)
-LARGE_SCALE = (0.25, 1.0)
+SMALL = {"scale": (0.8, 1.0), "ratio": (0.9, 1.1), "degrees": 0.0}
+LARGE = {"scale": (0.25, 1.0), "ratio": (3 / 4, 4 / 3), "degrees": 10.0}
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Augmentation:
 
     @classmethod
     def default_for(cls, image_size: int) -> Augmentation:
-        return cls(SMALL_SCALE if image_size <= SMALL_IMAGE else LARGE_SCALE)
+        return cls(**(SMALL if image_size <= SMALL_IMAGE else LARGE))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

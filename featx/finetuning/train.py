@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._progress import progress_bar
 from .._runtime import Device, configure_threads, plan_cpu_threads, tune_malloc
 from ..backbones.ladder import Layer
 from .augment import Augmentation
@@ -98,13 +99,11 @@ def predict(net: nn.Module, dataset: LabelledImages, indices: np.ndarray, batch_
             normalise, workers: int = 0, desc: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(float32 logits, labels, readable) of ``indices`` in eval mode, in the order given;
     a transient progress bar when ``desc`` is given."""
-    from tqdm.auto import tqdm
-
     was_training = net.training
     net.eval()
     logits, labels, oks = [], [], []
     loader = make_loader(dataset, epoch_batches(indices, batch_size, 0, 0, shuffle=False), workers, device)
-    bar = tqdm(total=len(indices), desc=desc, unit="img", disable=desc is None, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total=len(indices), desc=desc, unit="img", disable=desc is None, leave=False)
     try:
         with torch.inference_mode(), _autocast(device):
             for images, y, ok in loader:
@@ -224,12 +223,10 @@ class Trainer:
 
     def _train_batches(self, epoch: int) -> tuple[float, float, int, float]:
         """One pass over the fit split: (mean loss, accuracy, images, seconds), with a progress bar."""
-        from tqdm.auto import tqdm
-
         batches = epoch_batches(self.plan.fit, self.batch_size, epoch, self.opts.seed, shuffle=True)
         loader = make_loader(self.train_images, batches, self.workers, self.device)
-        bar = tqdm(total=len(self.plan.fit), desc=f"epoch {epoch + 1}/{self.opts.epochs}", unit="img",
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(total=len(self.plan.fit), desc=f"epoch {epoch + 1}/{self.opts.epochs}", unit="img",
+                           disable=not self.progress)
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
         try:

@@ -21,6 +21,23 @@ def _pyplot():
     return plt
 
 
+def _depth_labels(layers: list[tuple[float, str]], min_gap: float = 0.04) -> list[str]:
+    """Tick labels for layers at these depths; layers closer than ``min_gap`` share one label.
+
+    Neighbours such as EfficientNet's ``bn2`` (0.99) and ``pre_logits`` (1.00) would otherwise
+    print on top of each other.
+    """
+    labels = [""] * len(layers)
+    start = 0
+    for i in range(len(layers)):
+        last_of_group = i + 1 == len(layers) or layers[i + 1][0] - layers[i][0] >= min_gap
+        if last_of_group:
+            group = layers[start : i + 1]
+            labels[i] = " / ".join(n for _, n in group) + "\n" + " / ".join(f"{d:.2f}" for d, _ in group)
+            start = i + 1
+    return labels
+
+
 @dataclass
 class LayerCurveDisplay:
     """Test accuracy against relative depth, one line per head, 95% intervals shaded."""
@@ -45,8 +62,9 @@ class LayerCurveDisplay:
                         alpha=0.8)
         layers = sorted({(r["depth"], r["layer"]) for r in rows})
         ax.set_xticks([d for d, _ in layers])
-        ax.set_xticklabels([f"{name}\n{d:.2f}" for d, name in layers], rotation=45, ha="right", fontsize=7)
+        ax.set_xticklabels(_depth_labels(layers), rotation=45, ha="right", fontsize=7)
         if best is not None:
+            ax.margins(y=0.12)  # room for the label above the best point
             ax.annotate("best (validation)", (best["depth"], best["test_top1"]), xytext=(0, 14),
                         textcoords="offset points", ha="center", fontsize=8,
                         arrowprops={"arrowstyle": "->", "lw": 0.8})
