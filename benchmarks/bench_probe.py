@@ -8,6 +8,7 @@ run, each in a fresh process; the ratio and the per-cell test accuracies are rep
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -27,7 +28,7 @@ def plain_sklearn(entry_path: str, heads: list[str], seed: int = 0) -> dict:
         ok = f["samples/ok"][()].astype(bool)
         y = f["samples/label"][()][ok]
         split = f["samples/split"].asstr()[()][ok]
-        layers = [name for name in __import__("json").loads(f["layers"].attrs["order"])]
+        layers = json.loads(f["layers"].attrs["order"])
         splits = assign_splits(y, split, seed)
         (fit, val), = validation_folds(y[splits.train], None, seed)
         fit, val = splits.train[fit], splits.train[val]

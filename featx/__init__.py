@@ -7,7 +7,8 @@ Heavy libraries (torch, timm) are imported on first use, so ``featx --help`` is 
 
 from __future__ import annotations
 
-import importlib
+from . import errors
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -24,15 +25,7 @@ _API = {
 
 __all__ = ["__version__", "errors", *_API]
 
-
-def __getattr__(name: str):
-    if name in _API:
-        value = getattr(importlib.import_module(_API[name], __name__), name)
-        globals()[name] = value
-        return value
-    if name == "errors":
-        return importlib.import_module(".errors", __name__)
-    raise AttributeError(f"module 'featx' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _API)
 
 
 def __dir__():

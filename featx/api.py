@@ -6,26 +6,24 @@ The probe and fine-tune stages (scikit-learn, training code) load on first use, 
 
 from __future__ import annotations
 
-import importlib
 import os
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_getattr
 from .backbones.ladder import Ladder, trace_ladder
 from .backbones.registry import DEFAULT_MODEL, ModelListing, build_model, describe_model, list_models, parse_model
 from .cache.entry import FeatureEntry, Features
 from .cache.store import CacheStore
 from .extraction import extract
 
+if TYPE_CHECKING:  # imported on first use, see __getattr__
+    from .finetuning import finetune
+    from .probing import ProbeResults, probe
+
 __all__ = ["extract", "load_features", "layers", "models", "open_entry", "probe", "run", "finetune"]
 
-_LAZY = {"probe": ".probing", "ProbeResults": ".probing", "finetune": ".finetuning"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __package__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'featx.api' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), {"probe": ".probing", "ProbeResults": ".probing",
+                                      "finetune": ".finetuning"})
 
 
 def open_entry(entry, cache_dir: str | os.PathLike | None = None) -> FeatureEntry:
@@ -61,7 +59,7 @@ def models(pattern: str | None = None) -> list[ModelListing]:
 
 def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=None, probe_layers=None,
         cv: int | None = None, jobs: int | None = None, backend: str = "loky", scheduler: str | None = None,
-        out_dir=None, seed: int = 0, progress: bool = True, **extract_options):
+        out_dir=None, seed: int = 0, progress: bool = True, **extract_options) -> ProbeResults:
     """The main job: extract (through the cache) then probe every extracted layer and report.
 
     Returns the :class:`~featx.probing.ProbeResults` of the probe.

@@ -11,7 +11,7 @@ network and its head), ``freeze`` (which blocks train when), ``augment`` and ``d
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_getattr
 
 _API = {
     "finetune": ".runner",
@@ -22,10 +22,4 @@ _API = {
 
 __all__ = list(_API)
 
-
-def __getattr__(name: str):
-    if name in _API:
-        value = getattr(importlib.import_module(_API[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'featx.finetuning' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _API)

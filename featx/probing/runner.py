@@ -210,8 +210,8 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
 
     def tasks():
         # widest layers first: their cells are the slowest, and starting them early keeps every
-        # worker busy to the end (on Fashion-MNIST the run ended 4 minutes sooner); rows are
-        # put back in depth order by the caller
+        # worker busy to the end instead of leaving one alone on the widest layer; rows are put
+        # back in depth order by the caller
         for r in sorted(records, key=lambda r: -r.width):
             X = _load_layer(entry, r)  # once per layer, shared by all its heads
             digest = hashlib.sha1(X.view(np.uint8)).hexdigest()

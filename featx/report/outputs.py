@@ -58,6 +58,7 @@ def write_csv(path: Path, rows: list[dict], best: dict) -> None:
 
 def write_results(results, target: Path, cells, best_cell, entry, ids, y, splits, plots: bool = True) -> None:
     import joblib
+    import sklearn
 
     from ..probing.linear_head import LinearHead
     from .plots import ConfusionDisplay, LayerCurveDisplay
@@ -75,7 +76,7 @@ def write_results(results, target: Path, cells, best_cell, entry, ids, y, splits
         write_json(tmp / "best_head.json", {
             "layer": best["layer"], "head": best["head"], "params": best["params"], "classes": entry.classes,
             "entry_key": entry.key, "pool": best["pool"], "featx_version": __version__,
-            "sklearn_version": __import__("sklearn").__version__,
+            "sklearn_version": sklearn.__version__,
             "input": f"float32 features of layer {best['layer']} from cache entry {entry.key[:12]}",
             "warning": "a pickle runs code when loaded: only load files you trust (joblib.load)",
         })
