@@ -63,12 +63,12 @@ def extract_suite(quick: bool) -> dict:
     n = 1000 if quick else 4000
     cases = {
         "overhead_96px": lambda: b.case_overhead(isolated, n, 96),
-        "overhead_224px": lambda: b.case_overhead(isolated, n // 4, 224),
+        "overhead_224px": lambda: b.case_overhead(isolated, n // 2, 224),
         "one_pass_vs_per_layer": lambda: b.case_one_pass(isolated, n // 2, 96),
         "cache_hit_vs_cold": lambda: b.case_cache_hit(isolated, n, 96),
         "peak_memory": lambda: b.case_memory(isolated, (n // 2, 4 * n), 64),
         "cpu_settings_96px": lambda: b.case_cpu(isolated, n // 2, 96),
-        "cpu_settings_224px": lambda: b.case_cpu(isolated, n // 8, 224),
+        "cpu_settings_224px": lambda: b.case_cpu(isolated, n // 4, 224),
     }
     return cases
 

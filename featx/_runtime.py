@@ -120,9 +120,9 @@ def resolve_device(spec: str = "auto", precision: str = "auto") -> Device:
     return Device(dev, amp)
 
 
-def plan_cpu_threads(workers: int) -> int:
+def plan_cpu_threads(workers: int, cores: int | None = None) -> int:
     """Intra-op threads for the main process given ``workers`` DataLoader processes."""
-    cores = available_cores()
+    cores = cores or available_cores()
     return max(1, cores - max(0, workers - 1)) if workers else cores
 
 

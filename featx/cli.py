@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -154,6 +155,8 @@ def extract(
 
 
 def _report_extract(entry) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        return
     run = getattr(entry, "last_run", None)
     _print_entry(entry, title=f"{entry.dataset} × {entry.model}  ({entry.n_samples} images)")
     out.print(f"entry  {entry.key[:16]}  {entry.path}  ({human_bytes(entry.size_bytes)})")
@@ -161,7 +164,9 @@ def _report_extract(entry) -> None:
         out.print("cache hit: no forward pass was needed")
     elif run is not None:
         resumed = f", resumed after {run.resumed_rows} images" if run.resumed_rows else ""
-        out.print(f"extracted {', '.join(run.layers_added)}: {run.images} images in {run.seconds:.1f} s "
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        share = f" on rank 0 of {world} processes" if world > 1 else ""
+        out.print(f"extracted {', '.join(run.layers_added)}: {run.images} images{share} in {run.seconds:.1f} s "
                   f"({run.images_per_second:.0f} img/s{resumed})")
     bad = entry.errors()
     if bad:

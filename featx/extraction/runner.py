@@ -8,6 +8,7 @@ of them, and shards of features stream to disk while the next batches are comput
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -15,6 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from ..data import ImageDataset, open_dataset, stratified_limit
 from ..data.sources import ImageSource
 from ..errors import BadImageError, CacheCorruptError, FeatureOverflowError, UnknownLayerError, UsageError
 from ..report.text import human_bytes
+from .distributed import ProcessGroup, current_group
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +76,13 @@ def default_batch_size(device: Device, image_size: int) -> int:
     return 32 if image_size <= 128 else 16 if image_size <= 256 else 8
 
 
-def default_workers(device: Device, source: ImageSource) -> int:
+def default_workers(device: Device, source: ImageSource, cores: int | None = None) -> int:
     """Decoding processes. In-memory images cost ~0.1 ms each: decoding them inline beats a
     worker that competes with the compute threads for the same cores (benchmarks/)."""
-    cores = available_cores()
+    cores = cores or available_cores()
     if device.is_cuda:
         return max(1, min(8, cores - 1))
-    if source.in_memory:
+    if source.in_memory or cores < 2:
         return 0
     return 1 if cores <= 4 else min(4, cores // 4)
 
@@ -164,9 +167,16 @@ def extract(
     info = describe_model(spec)
     pre = info.preprocessing.override(image_size, crop_pct, interpolation)
     dev = resolve_device(device, precision)
+    group = current_group()  # launched by torchrun: every rank computes a share of the shards
+    if group is not None:
+        dev = group.place(dev)
     config = entry_config(info, pre, pool, token_pool, dtype, dev, source, limit, seed)
     key = config_key(config)
     store = CacheStore(cache_dir)
+    work = (source, info, pre, layers, pool, token_pool, dtype, dev, batch_size, workers, strict, force, progress,
+            shard_rows)
+    if group is not None:
+        return _extract_in_group(group, store, key, config, layers, spec.name, work)
 
     hit = _cached(store, key, layers, spec.name)
     if hit is not None:
@@ -176,8 +186,27 @@ def extract(
         if hit is not None:
             return hit
         base = _verified(store, store.find(key))
-        return _build(store, key, config, base, source, info, pre, layers, pool, token_pool, dtype, dev,
-                      batch_size, workers, strict, force, progress, shard_rows)
+        return _build(store, key, config, base, *work)
+
+
+def _extract_in_group(group: ProcessGroup, store: CacheStore, key: str, config: dict, layers, model_name: str,
+                      work: tuple) -> FeatureEntry:
+    """Rank 0 decides under the entry's lock (hit, or which entry to extend); every rank computes."""
+    with store.lock(key) if group.is_main else contextlib.nullcontext():
+        def decide():
+            hit = _cached(store, key, layers, model_name)
+            if hit is not None:
+                return "hit", str(hit.path)
+            base = _verified(store, store.find(key))
+            return "build", str(base.path) if base is not None else None
+
+        verdict, path = group.on_main(decide)
+        if verdict == "hit":
+            entry = FeatureEntry(Path(path))
+            entry.last_run = RunStats(forward_pass=False, layers_added=[])
+            return entry
+        base = FeatureEntry(Path(path)) if path is not None else None
+        return _build(store, key, config, base, *work, group=group)
 
 
 def _verified(store: CacheStore, entry: FeatureEntry | None) -> FeatureEntry | None:
@@ -208,7 +237,8 @@ def _cached(store: CacheStore, key: str, layers, model_name: str) -> FeatureEntr
 
 
 def _build(store, key, config, base, source, info, pre, layers, pool, token_pool, dtype, dev,
-           batch_size, workers, strict, force, progress, shard_rows) -> FeatureEntry:
+           batch_size, workers, strict, force, progress, shard_rows, group: ProcessGroup | None = None
+           ) -> FeatureEntry:
     net = build_model(info, image_size=pre.crop_size)
     ladder = trace_ladder(net, pre.crop_size)
     wanted = ladder.select(layers, info.spec.name)
@@ -240,20 +270,36 @@ def _build(store, key, config, base, source, info, pre, layers, pool, token_pool
         "key": key, "n": n, "batch_size": bs, "shard_rows": rows, "dtype": dtype,
         "layers": [layer.name for layer in todo], "rules": rules,
     }
-    run = store.partial(key, plan)
-    done = set(run.done())
+    if group is None:
+        run = store.partial(key, plan)
+        done = set(run.done())
+    else:  # rank 0 opens the partial run first (it may discard one of another plan); then the others
+        done = set(group.on_main(lambda: store.partial(key, plan).done()))
+        run = store.partial(key, plan)
     stats = RunStats(forward_pass=True, layers_added=[layer.name for layer in todo], estimated_bytes=estimate)
     stats.resumed_rows = sum(run.rows(s)[1] - run.rows(s)[0] for s in done)
     if done:
         log.info("resuming: %d of %d images already extracted", stats.resumed_rows, n)
 
     pending = [s for s in range(run.n_shards) if s not in done]
+    mine = pending if group is None else pending[group.rank::group.world]
+    total = sum(run.rows(s)[1] - run.rows(s)[0] for s in mine)
     t0 = time.perf_counter()
-    if pending:
-        _forward_pass(net, todo, rules, source, pre, dev, run, pending, bs, workers, dtype, strict, progress,
-                      stats.resumed_rows)
+    error = None
+    try:
+        if mine:
+            alone = group is None
+            _forward_pass(net, todo, rules, source, pre, dev, run, mine, bs, workers, dtype, strict,
+                          progress=progress and (alone or group.is_main), total=n if alone else total,
+                          initial=stats.resumed_rows if alone else 0, cores=None if alone else group.cpu_cores())
+    except BaseException as exc:
+        if group is None:
+            raise
+        error = exc
+    if group is not None:
+        group.raise_any(error)  # every rank stops when one failed; the shards written are kept
     stats.seconds = time.perf_counter() - t0
-    stats.images = n - stats.resumed_rows
+    stats.images = total
 
     records = [
         LayerRecord(layer.name, layer.module, layer.index, layer.depth, layer.raw_shape, layer.kind,
@@ -261,11 +307,16 @@ def _build(store, key, config, base, source, info, pre, layers, pool, token_pool
         for layer in todo
     ]
     samples = {"id": source.ids, "label": source.labels, "split": source.splits}
-    entry = store.commit(
-        key, config, base=base, samples=samples, classes=source.classes, ladder=ladder.to_dict(),
-        versions=library_versions(), run=run, records=records, featx_version=__version__,
-    )
-    run.remove()
+
+    def assemble() -> str:
+        entry = store.commit(
+            key, config, base=base, samples=samples, classes=source.classes, ladder=ladder.to_dict(),
+            versions=library_versions(), run=run, records=records, featx_version=__version__,
+        )
+        run.remove()
+        return str(entry.path)
+
+    entry = FeatureEntry(Path(assemble() if group is None else group.on_main(assemble)))
     entry.last_run = stats
     return entry
 
@@ -311,13 +362,13 @@ class _ShardWriter:
 
 
 def _forward_pass(net, layers: list[Layer], rules, source, pre, dev: Device, run, shards, bs, workers,
-                  dtype, strict, progress, initial):
+                  dtype, strict, progress, total, initial, cores=None):
 
-    n_workers = default_workers(dev, source) if workers is None else workers
+    n_workers = default_workers(dev, source, cores) if workers is None else workers
     previous_threads = torch.get_num_threads()
     if not dev.is_cuda:
         tune_malloc()
-        configure_threads(plan_cpu_threads(n_workers))
+        configure_threads(plan_cpu_threads(n_workers, cores))
     loader = torch.utils.data.DataLoader(
         ImageDataset(source, pre),
         batch_sampler=_batches(run, shards, bs),
@@ -337,7 +388,7 @@ def _forward_pass(net, layers: list[Layer], rules, source, pre, dev: Device, run
     oks: list[np.ndarray] = []
     errs: list[str] = []
     filled = 0
-    bar = progress_bar(total=len(source), initial=initial, unit="img", desc="extract", disable=not progress,
+    bar = progress_bar(total=total, initial=initial, unit="img", desc="extract", disable=not progress,
                        smoothing=0.1)
     taps = LayerTaps(net, layers, rules)
     try:
