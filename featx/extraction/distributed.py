@@ -58,8 +58,8 @@ class ProcessGroup:
 
     def raise_any(self, error: BaseException | None) -> None:
         """Collective: re-raise on every rank when any rank failed (nobody waits forever)."""
-        failures = [(rank, msg) for rank, msg in enumerate(self.gather(None if error is None else
-                                                                      f"{type(error).__name__}: {error}")) if msg]
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        failures = [(rank, msg) for rank, msg in enumerate(self.gather(mine)) if msg]
         if error is not None:
             raise error
         if failures:
