@@ -308,15 +308,18 @@ def _build(store, key, config, base, source, info, pre, layers, pool, token_pool
     ]
     samples = {"id": source.ids, "label": source.labels, "split": source.splits}
 
-    def assemble() -> str:
+    def assemble() -> FeatureEntry:
         entry = store.commit(
             key, config, base=base, samples=samples, classes=source.classes, ladder=ladder.to_dict(),
             versions=library_versions(), run=run, records=records, featx_version=__version__,
         )
         run.remove()
-        return str(entry.path)
+        return entry
 
-    entry = FeatureEntry(Path(assemble() if group is None else group.on_main(assemble)))
+    if group is None:
+        entry = assemble()
+    else:  # rank 0 writes the file; the others open what it wrote
+        entry = FeatureEntry(Path(group.on_main(lambda: str(assemble().path))))
     entry.last_run = stats
     return entry
 

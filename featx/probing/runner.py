@@ -209,10 +209,7 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
     duplicates: dict[str, str] = {}
 
     def tasks():
-        # widest layers first: their cells are the slowest, and starting them early keeps every
-        # worker busy to the end instead of leaving one alone on the widest layer; rows are put
-        # back in depth order by the caller
-        for r in sorted(records, key=lambda r: -r.width):
+        for r in records:
             X = _load_layer(entry, r)  # once per layer, shared by all its heads
             digest = hashlib.sha1(X.view(np.uint8)).hexdigest()
             if digest in seen:  # e.g. the last map average-pooled is exactly pre_logits: probe it once
