@@ -18,6 +18,7 @@ _API = {
     "layers": ".api",
     "models": ".api",
     "open_entry": ".api",
+    "cache_gc": ".api",
     "probe": ".api",
     "run": ".api",
     "finetune": ".api",

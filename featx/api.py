@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # imported on first use, see __getattr__
     from .finetuning import finetune
     from .probing import ProbeResults, probe
 
-__all__ = ["extract", "load_features", "layers", "models", "open_entry", "probe", "run", "finetune"]
+__all__ = ["extract", "load_features", "cache_gc", "layers", "models", "open_entry", "probe", "run", "finetune"]
 
 __getattr__ = lazy_getattr(globals(), {"probe": ".probing", "ProbeResults": ".probing",
                                       "finetune": ".finetuning"})
@@ -35,6 +35,12 @@ def load_features(entry, layer: str, *, cache_dir: str | os.PathLike | None = No
                   include_bad: bool = False) -> Features:
     """float32 features X, labels y, ids and split of one cached layer (unreadable images dropped)."""
     return open_entry(entry, cache_dir).load(layer, include_bad=include_bad)
+
+
+def cache_gc(cache_dir: str | os.PathLike | None = None, *, dry_run: bool = False, older_than_days: float = 0.0):
+    """Remove what killed runs left in the cache (``.tmp`` files, abandoned ``.partial`` runs,
+    quarantined files); ``dry_run`` only lists them. Returns the list of ``Leftover`` items."""
+    return CacheStore(cache_dir).gc(dry_run=dry_run, older_than_days=older_than_days)
 
 
 def layers(model: str = DEFAULT_MODEL, *, image_size: int | None = None, arch: str | None = None) -> Ladder:
@@ -57,6 +63,35 @@ def models(pattern: str | None = None) -> list[ModelListing]:
     return list_models(pattern)
 
 
+def check_probe_data(dataset, *, limit: int | None = None, seed: int = 0, cv: int | None = None,
+                     data_root=None, download: bool = True, hash_content: bool = False):
+    """The dataset, opened once, after checking from its labels and splits alone that the probe
+    protocol can run on it: a short split is reported before any image is read, with the
+    smallest ``--limit`` that would work."""
+    from .data import ImageSource, open_dataset, smallest_working_limit, stratified_limit
+    from .errors import UsageError
+    from .probing.protocol import split_shortfall
+
+    source = dataset if isinstance(dataset, ImageSource) else open_dataset(dataset, data_root, download,
+                                                                            hash_content=hash_content)
+    used = stratified_limit(source, limit, seed)
+
+    def shortfall(s):
+        return split_shortfall(s.labels, s.splits, cv, seed, class_names=s.classes)
+
+    problem = shortfall(used)
+    if problem is None:
+        return source
+    if limit is not None and limit < len(source):
+        better = smallest_working_limit(source, lambda s: shortfall(s) is None, limit, seed)
+        hint = (f"Use --limit {better} or more (the smallest seeded subset of {source.spec} that gives every class "
+                "enough images in each split)." if better else f"Even all {len(source)} images are too few.")
+    else:
+        hint = "Add images to the short classes."
+    shown = f"{len(used)} images (--limit {limit})" if limit is not None else f"{len(used)} images"
+    raise UsageError(f"Too few images for the probe protocol with {shown}: {problem}. {hint}")
+
+
 def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=None, probe_layers=None,
         cv: int | None = None, jobs: int | None = None, backend: str = "loky", scheduler: str | None = None,
         out_dir=None, seed: int = 0, progress: bool = True, **extract_options) -> ProbeResults:
@@ -64,8 +99,15 @@ def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=Non
 
     Returns the :class:`~featx.probing.ProbeResults` of the probe.
     """
+    from ._resultdir import PROBE, check_target
     from .probing import probe
 
+    if out_dir:
+        check_target(out_dir, PROBE)  # refused before the extraction, not after it
+    dataset = check_probe_data(dataset, limit=extract_options.get("limit"), seed=seed, cv=cv,
+                               data_root=extract_options.get("data_root"),
+                               download=extract_options.get("download", True),
+                               hash_content=extract_options.get("hash_content", False))
     entry = extract(dataset, model, seed=seed, progress=progress, **extract_options)
     return probe(entry, heads=heads, layers=probe_layers, cv=cv, seed=seed, jobs=jobs, backend=backend,
                  scheduler=scheduler, out_dir=out_dir, cache_dir=extract_options.get("cache_dir"),

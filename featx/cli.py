@@ -66,6 +66,9 @@ Precision = Annotated[str, typer.Option(help="Compute precision: auto (bf16/fp16
 Strict = Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of recording it.")]
 Force = Annotated[bool, typer.Option(help="Allow --pool none above the size budget.")]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+HashContent = Annotated[bool, typer.Option("--hash-content", help="Fingerprint image files by the sha256 of "
+                                           "their bytes (stable across copies and machines) instead of their "
+                                           "size, times and inode.")]
 
 
 # ------------------------------------------------------------------ plumbing
@@ -140,6 +143,7 @@ def extract(
     strict: Strict = False,
     force: Force = False,
     progress: Progress = True,
+    hash_content: HashContent = False,
 ) -> None:
     """Run a backbone once over a dataset and cache the pooled activations of many layers."""
     from .api import extract as run_extract
@@ -149,7 +153,7 @@ def extract(
         checkpoint=checkpoint, arch=arch, image_size=image_size, crop_pct=crop_pct,
         interpolation=interpolation, data_root=data_root, download=download, limit=limit, seed=seed,
         batch_size=batch_size, workers=workers, device=device, precision=precision,
-        cache_dir=STATE["cache_dir"], strict=strict, force=force, progress=progress,
+        cache_dir=STATE["cache_dir"], strict=strict, force=force, progress=progress, hash_content=hash_content,
     )
     _report_extract(entry)
 
@@ -235,7 +239,9 @@ def _print_probe(results) -> None:
     out.print(f"best: {b['head']} on {b['layer']} ({json.dumps(b['params'])}): test top-1 {b['test_top1']:.4f}"
               f"{extra}, balanced accuracy {b['balanced_accuracy']:.4f}, macro-F1 {b['macro_f1']:.4f}")
     split = results.protocol["splits"]
-    out.print(f"protocol: {results.protocol['selection']} on the training split ({split['train']} images), "
+    chosen_on = (f" ({split['val']} images), refit on the training split ({split['train']} images)"
+                 if split.get("val") else f" on the training split ({split['train']} images)")
+    out.print(f"protocol: {results.protocol['selection']}{chosen_on}, "
               f"test split ({split['test']} images, {split['test_source']}) evaluated once per cell")
     out.print(f"\n[bold]advice[/bold]: {results.recommendation}\n")
     if results.out_dir is not None:
@@ -268,17 +274,25 @@ def probe(
     limit: Limit = None,
     device: DeviceOpt = "auto",
     progress: Progress = True,
+    hash_content: HashContent = False,
 ) -> None:
     """Compare scikit-learn heads on every cached layer: where are the classes best decodable?"""
+    from ._resultdir import PROBE, check_target
     from .api import extract as run_extract
     from .api import probe as run_probe
 
+    if out_dir is not None:
+        check_target(out_dir, PROBE)  # before extracting: a folder featx may not replace is refused at once
     entry = target
     if model is not None or not _looks_like_entry(target):
-        entry = run_extract(target, model or "efficientnet_lite0", layers=layers or "auto", pool=pool,
+        from .api import check_probe_data
+
+        source = check_probe_data(target, limit=limit, seed=seed, cv=cv, data_root=data_root,
+                                  hash_content=hash_content)  # a short split is refused before extracting
+        entry = run_extract(source, model or "efficientnet_lite0", layers=layers or "auto", pool=pool,
                             token_pool=token_pool, dtype=dtype, weights=weights, image_size=image_size,
                             data_root=data_root, limit=limit, seed=seed, device=device,
-                            cache_dir=STATE["cache_dir"], progress=progress)
+                            cache_dir=STATE["cache_dir"], progress=progress, hash_content=hash_content)
         _report_extract(entry)
     results = run_probe(entry, heads=heads, layers=layers, cv=cv, seed=seed, jobs=jobs, backend=backend,
                         scheduler=scheduler, out_dir=out_dir, cache_dir=STATE["cache_dir"], plots=plots,
@@ -305,6 +319,7 @@ def run(
     data_root: DataRoot = None,
     device: DeviceOpt = "auto",
     progress: Progress = True,
+    hash_content: HashContent = False,
 ) -> None:
     """The main job: extract features (through the cache), probe every layer, report and advise."""
     from .api import run as run_all
@@ -312,7 +327,7 @@ def run(
     results = run_all(
         dataset, model, heads=heads, cv=cv, jobs=jobs, out_dir=out_dir, seed=seed, progress=progress,
         layers=layers, pool=pool, image_size=image_size or None, limit=limit, dtype=dtype, weights=weights,
-        data_root=data_root, device=device, cache_dir=STATE["cache_dir"],
+        data_root=data_root, device=device, cache_dir=STATE["cache_dir"], hash_content=hash_content,
     )
     _print_probe(results)
 
@@ -467,6 +482,7 @@ def cache_ls() -> None:
     entries = store.entries()
     if not entries:
         out.print(f"No entries in {store.root}.")
+        _print_leftovers(store)
         return
     table = Table(title=str(store.root), header_style="bold")
     columns = ("key", "dataset", "model", "px", "pool", "dtype", "samples", "layers", "size", "updated")
@@ -482,6 +498,23 @@ def cache_ls() -> None:
             table.add_row(e.key[:12], dataset, e.model, str(c["preprocessing"]["crop_size"]), c["pooling"]["pool"],
                           c["dtype"], str(e.n_samples), str(len(e.layers)), human_bytes(e.size_bytes), e.updated)
     out.print(table)
+    _print_leftovers(store)
+
+
+def _print_leftovers(store) -> None:
+    """One line about what killed runs left behind, if anything."""
+    items = store.leftovers()
+    if not items:
+        return
+    names = {"tmp": "temporary file(s)", "partial": "interrupted run(s)",
+             "dist": "torchrun heartbeat folder(s)", "quarantine": "quarantined file(s)"}
+    parts = []
+    for kind, label in names.items():
+        mine = [i for i in items if i.kind == kind]
+        if mine:
+            parts.append(f"{len(mine)} {label} ({human_bytes(sum(i.size for i in mine))})")
+    out.print(f"leftovers: {', '.join(parts)}; remove them with: featx cache gc (preview with --dry-run)",
+              soft_wrap=True)
 
 
 @cache_app.command("info")
@@ -497,9 +530,11 @@ def cache_info(
     store = CacheStore(STATE["cache_dir"])
     e = store.resolve(entry)
     if verify:
+        from .errors import CacheCorruptError
+
         try:
             e.verify()
-        except FeatxError as exc:
+        except CacheCorruptError as exc:  # only proven damage; quarantine() leaves other files alone
             store.quarantine(e.path, str(exc))
             raise
     info = e.info()
@@ -530,10 +565,30 @@ def cache_rm(
     from .cache.store import CacheStore
 
     store = CacheStore(STATE["cache_dir"])
-    resolved = [store.resolve(ref) for ref in entries]  # resolve all before deleting any
+    resolved = [store.resolve(ref, owned=True) for ref in entries]  # resolve all before deleting any
     for e in resolved:
         store.remove(e)
         out.print(f"removed {e.key[:12]} ({e.path.name})")
+
+
+@cache_app.command("gc")
+def cache_gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+    older_than: Annotated[float, typer.Option("--older-than", metavar="DAYS",
+                                              help="Keep leftovers changed less than DAYS ago.")] = 0.0,
+) -> None:
+    """Remove what killed runs left behind: .tmp files, abandoned .partial runs, quarantined files."""
+    from .cache.store import CacheStore
+
+    store = CacheStore(STATE["cache_dir"])
+    items = store.gc(dry_run=dry_run, older_than_days=older_than)
+    verb = "would remove" if dry_run else "removed"
+    for item in items:
+        out.print(f"{verb} {item.kind:<10} {human_bytes(item.size):>9}  {item.path}", soft_wrap=True)
+    if items:
+        out.print(f"{verb} {len(items)} item(s), {human_bytes(sum(i.size for i in items))}")
+    else:
+        out.print(f"Nothing to remove in {store.root}.")
 
 
 # ------------------------------------------------------------------ entry point

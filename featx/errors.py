@@ -22,6 +22,8 @@ __all__ = [
     "BadImageError",
     "FeatureOverflowError",
     "CacheCorruptError",
+    "CacheUnavailableError",
+    "CacheFormatError",
     "EntryNotFoundError",
     "DataError",
     "close_matches",
@@ -78,6 +80,15 @@ class FeatureOverflowError(FeatxError):
 
 class CacheCorruptError(FeatxError):
     """A cache file is truncated, inconsistent or fails its checksums."""
+
+
+class CacheUnavailableError(FeatxError):
+    """A cache file cannot be opened or moved right now (locked, no permission, too many open
+    files, read-only disk). Nothing proves it damaged, so it is left exactly where it is."""
+
+
+class CacheFormatError(FeatxError):
+    """A cache entry written in another format version; featx treats it as absent and rebuilds it."""
 
 
 class DataError(FeatxError):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import featx
 
@@ -70,4 +71,95 @@ def test_a_failing_rank_stops_every_rank_and_keeps_the_others_shards(tmp_path, c
     assert ranks[0]["error"] == "FeatxError" and "rank 1 failed" in ranks[0]["message"]
     assert not list(cache_dir.glob("*.h5"))  # no entry appears
     (partial,) = (cache_dir / ".partial").iterdir()
+    assert sorted(p.name for p in partial.glob("shard-*.npz")) == ["shard-000000.npz", "shard-000002.npz"]
+
+
+# ----------------------------------------------------------------- ranks that disagree or hang
+
+CHECK_SCRIPT = """
+import json, os, sys, time
+import featx
+import featx.extraction.runner as runner
+rank = int(os.environ["RANK"])
+mode, out, src, base = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+forward = []
+real_forward = runner._forward_pass
+def counting_forward(*args, **kwargs):
+    forward.append(1)
+    if mode == "hang" and rank == 1:
+        time.sleep(120)  # a peer that never comes back
+    return real_forward(*args, **kwargs)
+runner._forward_pass = counting_forward
+kwargs = dict(model="timm:resnet18", weights="none", image_size=32, progress=False, dtype="float32",
+              batch_size=4, shard_rows=8, device="cpu", cache_dir=base)
+if mode == "limit" and rank == 1:
+    kwargs["limit"] = 12  # a different sample list: a different key
+if mode == "cachedir":
+    kwargs["cache_dir"] = os.path.join(base, f"rank{rank}")
+if mode == "plan" and rank == 1:
+    kwargs["batch_size"] = 2  # same key, another plan
+t0 = time.monotonic()
+try:
+    featx.extract(src, **kwargs)
+    report = {"ok": True}
+except featx.errors.FeatxError as exc:
+    report = {"error": type(exc).__name__, "message": str(exc)}
+report.update(forward=len(forward), seconds=time.monotonic() - t0)
+with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+    json.dump(report, fh)
+sys.exit(0 if report.get("ok") else 1)
+"""
+
+
+def _torchrun_check(tmp_path, mode: str, timeout: str = "60") -> tuple[list[dict], subprocess.CompletedProcess]:
+    src = f"folder:{make_folder(tmp_path / 'imgs', n_per_class=7, splits=None, size=32)}"
+    script = tmp_path / "check.py"
+    script.write_text(CHECK_SCRIPT)
+    out = tmp_path / mode
+    out.mkdir()
+    env = {**os.environ, "FEATX_DIST_TIMEOUT": timeout}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), mode, str(out), src, str(tmp_path / "cache")], capture_output=True, text=True,
+                         env=env, timeout=300, stdin=subprocess.DEVNULL)
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))], res
+
+
+@pytest.mark.slow
+def test_ranks_with_different_keys_stop_before_any_forward_pass(tmp_path):
+    ranks, res = _torchrun_check(tmp_path, "limit")
+    assert len(ranks) == 2, res.stderr[-3000:]
+    for r in ranks:
+        assert r["error"] == "FeatxError" and "disagree on the cache key" in r["message"], r
+        assert "rank 1 differs from rank 0 in" in r["message"] and "dataset.limit" in r["message"]
+        assert r["forward"] == 0
+    assert not list((tmp_path / "cache").glob("*.h5"))
+    assert not (tmp_path / "cache" / ".partial").exists() or not list((tmp_path / "cache" / ".partial").iterdir())
+
+
+@pytest.mark.slow
+def test_ranks_with_different_plans_stop_before_any_forward_pass(tmp_path):
+    ranks, res = _torchrun_check(tmp_path, "plan")
+    assert len(ranks) == 2, res.stderr[-3000:]
+    for r in ranks:
+        assert "disagree on the extraction plan" in r["message"] and "batch_size" in r["message"], r
+        assert r["forward"] == 0
+
+
+@pytest.mark.slow
+def test_ranks_that_do_not_share_the_cache_directory_stop_with_a_clear_error(tmp_path):
+    ranks, res = _torchrun_check(tmp_path, "cachedir")
+    assert len(ranks) == 2, res.stderr[-3000:]
+    for r in ranks:
+        assert "not shared by all ranks" in r["message"] and "rank 1 uses" in r["message"], r
+        assert r["forward"] == 0
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_wait_with_an_error_not_a_hang(tmp_path):
+    ranks, res = _torchrun_check(tmp_path, "hang", timeout="5")
+    rank0 = json.loads((tmp_path / "hang" / "rank0.json").read_text())
+    assert rank0["error"] == "FeatxError" and "Rank 1 has shown no sign of progress" in rank0["message"], rank0
+    assert rank0["forward"] == 1 and rank0["seconds"] < 60
+    assert res.returncode != 0  # torchrun stops the hung rank once rank 0 has failed
+    (partial,) = (tmp_path / "cache" / ".partial").iterdir()
     assert sorted(p.name for p in partial.glob("shard-*.npz")) == ["shard-000000.npz", "shard-000002.npz"]

@@ -117,9 +117,8 @@ class Ladder:
                         f"See them with: featx layers {model_name}"
                     )
                 add(self.layers[i])
-            elif re.fullmatch(r"-?\d*:-?\d*(:-?\d+)?", item):
-                parts = [int(p) if p else None for p in item.split(":")]
-                picked = self.layers[slice(*parts)]
+            elif ":" in item:
+                picked = self.layers[_parse_slice(item, model_name)]
                 if not picked:
                     raise UnknownLayerError(f"Layer slice {item!r} selects no layer of {model_name}.")
                 for layer in picked:
@@ -143,6 +142,22 @@ class Ladder:
                     f"(e.g. 'blocks.*'), an index (-1) or a slice (0:4). See them with: featx layers {model_name}"
                 )
         return sorted(chosen.values(), key=lambda layer: layer.order)
+
+
+_SLICE = re.compile(r"(-?\d+)?:(-?\d+)?(?::(-?\d+)?)?")
+
+
+def _parse_slice(item: str, model_name: str) -> slice:
+    """``start:stop[:step]`` of ladder indices, as in Python; anything else is refused with the grammar."""
+    match = _SLICE.fullmatch(item.replace(" ", ""))
+    grammar = (f"A slice is start:stop or start:stop:step with integer parts that may be left out "
+               f"(0:4, -3:, ::2, 4:0:-1). See the indices with: featx layers {model_name}")
+    if match is None:
+        raise UnknownLayerError(f"Layer slice {item!r} is not valid. {grammar}")
+    start, stop, step = (int(g) if g else None for g in match.groups())
+    if step == 0:
+        raise UnknownLayerError(f"Layer slice {item!r} has step 0; the step must be a non-zero integer. {grammar}")
+    return slice(start, stop, step)
 
 
 def _split_spec(spec) -> list[str]:

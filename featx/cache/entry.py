@@ -15,12 +15,29 @@ Layout (``encoding-type = featx-features``)::
                      attrs: module, index, depth, raw_shape, kind, pool, width
     /layers          attrs: order (JSON list, shallow to deep)
 
-Every dataset carries a fletcher32 checksum, so flipped bits are caught when read.
+Every dataset carries a fletcher32 checksum, so flipped bits are caught when read. HDF5
+cannot checksum variable-length strings or attributes, so sha256 digests stand in for them:
+``/samples`` attr ``strings_digest`` covers ids, splits and error texts, and the root attr
+``metadata_digest`` covers /classes, /ladder, the layer order and every layer's attributes
+(format 2). The root's config must hash to the key, and the classes must match the config.
+
+Only proven damage (a failed checksum or digest, a bad HDF5 structure, a config that does
+not hash to its key) raises :class:`CacheCorruptError`, the one error that lets the cache
+quarantine a file. An error the operating system reports while opening or reading (no
+permission, a lock held by a writer, too many open files, an I/O error) says nothing about
+the bytes: it raises :class:`CacheUnavailableError` and the file is left alone. An entry
+of another format version (format 1 had no metadata digest) raises
+:class:`CacheFormatError`; the cache treats it as absent, so the next extraction rebuilds
+it and the rebuilt file replaces it (it is not quarantined).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +45,11 @@ import h5py
 import numpy as np
 
 from ..backbones.ladder import Ladder
-from ..errors import CacheCorruptError, UnknownLayerError, close_matches
+from ..errors import CacheCorruptError, CacheFormatError, CacheUnavailableError, UnknownLayerError, close_matches
 from .key import canonical_json, config_key, strings_digest
 
 ENCODING_TYPE = "featx-features"
-ENCODING_VERSION = "1"
+ENCODING_VERSION = "2"
 STR = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 1 << 20
 
@@ -70,8 +87,67 @@ class Features:
     classes: list[str]
 
 
-def _str_array(ds) -> np.ndarray:
+def str_array(ds) -> np.ndarray:
     return np.asarray(ds.asstr()[()], dtype=object)
+
+
+#: advice for errors the operating system reports; none of them says the file is damaged
+_ENVIRONMENT_HINTS = {
+    errno.EACCES: "check the file's permissions",
+    errno.EPERM: "check the file's permissions",
+    errno.ENOLCK: "the file system refused a lock (on NFS, set HDF5_USE_FILE_LOCKING=FALSE)",
+    errno.EAGAIN: "another process holds it open for writing; retry when it has finished",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or run fewer jobs",
+    errno.ENFILE: "the system has too many open files; retry later",
+    errno.EIO: "the disk reported a read error; check the storage",
+    errno.ENOENT: "it disappeared while being opened (removed or replaced by another process)",
+    errno.EROFS: "the file system is read-only",
+}
+_HDF5_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def _os_errno(exc: OSError) -> int | None:
+    """The operating-system error behind ``exc``, if any; HDF5 format errors have none."""
+    if exc.errno is not None:
+        return exc.errno
+    found = _HDF5_ERRNO.search(str(exc))
+    if found:
+        return int(found.group(1))
+    return errno.EAGAIN if "unable to lock file" in str(exc) else None
+
+
+def read_failure(path: Path, exc: OSError, damage: str = "not a readable HDF5 file"
+                 ) -> CacheCorruptError | CacheUnavailableError:
+    """The typed error for an OSError from h5py: corruption only when the bytes are at fault."""
+    code = _os_errno(exc)
+    if code is None:  # HDF5 read the bytes and found them wrong: bad signature, truncation, checksum
+        return CacheCorruptError(f"{path} is damaged: {damage} ({exc}).")
+    hint = _ENVIRONMENT_HINTS.get(code, "retry once the cause is fixed")
+    return CacheUnavailableError(
+        f"{path} cannot be read right now: {os.strerror(code)} ({hint}). Nothing shows the file "
+        "is damaged, so it was left in place."
+    )
+
+
+def _plain(value):
+    """An HDF5 attribute value as plain JSON-able Python."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def metadata_digest(f: h5py.File) -> str:
+    """sha256 over what fletcher32 cannot protect: classes, ladder, layer order, layer attributes."""
+    layers = {
+        name: {"attrs": {k: _plain(v) for k, v in ds.attrs.items()}, "dtype": ds.dtype.str,
+               "shape": list(ds.shape)}
+        for name, ds in f["layers"].items()
+    }
+    doc = {"classes": [str(c) for c in f["classes"].asstr()[()]], "ladder": f["ladder"].asstr()[()],
+           "order": f["layers"].attrs["order"], "layers": layers}
+    return hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
 
 
 def chunk_rows(width: int, itemsize: int, n: int) -> int:
@@ -86,19 +162,23 @@ class FeatureEntry:
         try:
             with h5py.File(self.path, "r") as f:
                 self._read_meta(f)
-        except CacheCorruptError:
+        except (CacheCorruptError, CacheFormatError):
             raise
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise CacheCorruptError(f"{self.path} is not a readable featx entry ({exc}).") from None
+        except OSError as exc:
+            raise read_failure(self.path, exc) from exc
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CacheCorruptError(f"{self.path} is not a readable featx entry ({exc}).") from exc
         self._samples: dict[str, np.ndarray] | None = None
 
     def _read_meta(self, f: h5py.File) -> None:
         a = f.attrs
         if a.get("encoding-type") != ENCODING_TYPE:
-            raise CacheCorruptError(f"{self.path} is not a featx feature entry.")
+            raise CacheCorruptError(f"{self.path} is not a featx feature entry (no encoding-type {ENCODING_TYPE!r}).")
         if str(a.get("encoding-version")) != ENCODING_VERSION:
-            raise CacheCorruptError(
-                f"{self.path} has format version {a.get('encoding-version')}; this featx reads {ENCODING_VERSION}."
+            raise CacheFormatError(
+                f"{self.path} is in format version {a.get('encoding-version')}; this featx reads version "
+                f"{ENCODING_VERSION}. It counts as absent: re-extract (featx extract with the same options) "
+                "and the new entry replaces it."
             )
         if not bool(a.get("complete", False)):
             raise CacheCorruptError(f"{self.path} was never completed.")
@@ -106,10 +186,14 @@ class FeatureEntry:
         self.config = json.loads(a["config"])
         if config_key(self.config) != self.key:
             raise CacheCorruptError(f"{self.path}: its configuration does not hash to its key.")
+        if a.get("metadata_digest") != metadata_digest(f):
+            raise CacheCorruptError(f"{self.path}: classes, ladder or layer attributes are damaged (digest mismatch).")
         self.created = str(a.get("created_utc", ""))
         self.updated = str(a.get("updated_utc", self.created))
         self.versions = json.loads(a.get("versions", "{}"))
         self.classes = [str(c) for c in f["classes"].asstr()[()]]
+        if self.config.get("dataset", {}).get("classes", self.classes) != self.classes:
+            raise CacheCorruptError(f"{self.path}: /classes does not match the classes in its configuration.")
         self.ladder = Ladder.from_dict(json.loads(f["ladder"].asstr()[()]))
         self.n_samples = int(f["samples/id"].shape[0])
         for name in ("label", "split", "ok", "error"):
@@ -142,7 +226,8 @@ class FeatureEntry:
 
     @property
     def dataset(self) -> str:
-        return self.config["dataset"]["source"]
+        dataset = self.config["dataset"]
+        return dataset.get("location") or dataset["source"]  # folders and CSV files: where they were read
 
     @property
     def size_bytes(self) -> int:
@@ -169,11 +254,11 @@ class FeatureEntry:
                 g = f["samples"]
                 try:
                     samples = {
-                        "id": _str_array(g["id"]), "label": g["label"][()], "split": _str_array(g["split"]),
-                        "ok": g["ok"][()].astype(bool), "error": _str_array(g["error"]),
+                        "id": str_array(g["id"]), "label": g["label"][()], "split": str_array(g["split"]),
+                        "ok": g["ok"][()].astype(bool), "error": str_array(g["error"]),
                     }
                 except OSError as exc:
-                    raise CacheCorruptError(f"{self.path}: sample metadata failed its checksum ({exc}).") from None
+                    raise read_failure(self.path, exc, "sample metadata failed its checksum") from exc
                 expected = g.attrs.get("strings_digest")
             if strings_digest(samples["id"], samples["split"], samples["error"]) != expected:
                 raise CacheCorruptError(f"{self.path}: sample ids, splits or errors are damaged.")
@@ -188,7 +273,7 @@ class FeatureEntry:
         try:
             return h5py.File(self.path, "r")
         except OSError as exc:
-            raise CacheCorruptError(f"{self.path} cannot be opened ({exc}).") from None
+            raise read_failure(self.path, exc) from exc
 
     # ------------------------------------------------------------------ features
 
@@ -200,8 +285,8 @@ class FeatureEntry:
         with self._open() as f:
             try:
                 X = f["layers"][record.name][()]
-            except OSError as exc:  # fletcher32 mismatch or a truncated chunk
-                raise CacheCorruptError(f"{self.path}: layer {record.name} failed its checksum ({exc}).") from None
+            except OSError as exc:  # fletcher32 mismatch or a truncated chunk, or the disk failed
+                raise read_failure(self.path, exc, f"layer {record.name} failed its checksum") from exc
         X = np.asarray(X[keep], dtype=np.float32)
         return Features(X, s["label"][keep], s["id"][keep], s["split"][keep], record, list(self.classes))
 
@@ -217,7 +302,7 @@ class FeatureEntry:
                     for start in range(0, ds.shape[0], max(step, 1)):
                         ds[start:start + step]
             except OSError as exc:
-                raise CacheCorruptError(f"{self.path} failed its checksums ({exc}).") from None
+                raise read_failure(self.path, exc, "it failed its checksums") from exc
 
     def info(self) -> dict:
         s = self.samples()

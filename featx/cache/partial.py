@@ -12,42 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from .._fileio import atomic_write_bytes
+
 log = logging.getLogger(__name__)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file, fsync it, then rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
 
 
 class PartialRun:
@@ -106,6 +79,11 @@ class PartialRun:
         with np.load(self._path(shard), allow_pickle=False) as z:
             arrays = {name: z[f"layer_{i}"] for i, name in enumerate(self.plan["layers"])}
             return arrays, z["ok"], z["error"]
+
+    def status(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """ok flags and error texts of one shard, without loading its features."""
+        with np.load(self._path(shard), allow_pickle=False) as z:
+            return z["ok"], z["error"]
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

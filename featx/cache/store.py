@@ -6,7 +6,13 @@ Layout of the cache root::
     .locks/<key>.lock       one flock per key: only one process builds an entry
     .partial/<key>/         shards of an extraction in progress (resumable)
     .tmp/                   entry files being assembled (renamed into place when done)
+    .dist/<token>/          heartbeats of the ranks of a torchrun extraction in progress
     quarantine/             corrupt files moved aside, never read again
+
+Only files directly in the root (resolved, symlinks followed) are ever moved or deleted, and
+only when proven corrupt (:class:`CacheCorruptError`) or asked to (``featx cache rm``/``gc``).
+A path anywhere else is opened read-only. Killed runs leave ``.tmp`` files, ``.partial``
+runs and quarantined files; :meth:`CacheStore.gc` removes those no live process holds.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..errors import CacheCorruptError, EntryNotFoundError
+from .._fileio import fsync_dir
+from ..errors import CacheCorruptError, CacheFormatError, CacheUnavailableError, EntryNotFoundError, UsageError
 from .entry import (
     ENCODING_TYPE,
     ENCODING_VERSION,
@@ -35,9 +43,11 @@ from .entry import (
     LayerRecord,
     chunk_rows,
     config_json,
+    metadata_digest,
+    str_array,
 )
 from .key import strings_digest
-from .partial import PartialRun, fsync_dir
+from .partial import PartialRun
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_")[:40] or "x"
 
 
+#: sub-folders of the root that hold featx's own working files, never entries
+RESERVED = (".locks", ".partial", ".tmp", ".dist", "quarantine")
+#: a torchrun heartbeat folder untouched this long belongs to no live job (peers give up far sooner)
+DIST_IDLE_DAYS = 1.0
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """What a killed run left behind: a ``.tmp`` file, a ``.partial`` run or a quarantined file."""
+
+    kind: str  # "tmp", "partial", "dist" or "quarantine"
+    path: Path
+    size: int
+    age_days: float
+
+
 class CacheStore:
     """A cache root directory."""
 
@@ -64,8 +90,39 @@ class CacheStore:
         self.root = Path(root).expanduser() if root else default_cache_dir()
 
     def _ensure(self) -> None:
-        for sub in ("", ".locks", ".partial", ".tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("", ".locks", ".partial", ".tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._unwritable(exc) from exc
+
+    def _unwritable(self, exc: OSError) -> CacheUnavailableError:
+        return CacheUnavailableError(
+            f"Cannot write to the feature cache {self.root}: {exc.strerror or exc}. Entries already there "
+            "can still be read; to build new ones give a writable folder with --cache-dir or FEATX_CACHE_DIR."
+        )
+
+    # ---------------------------------------------------------------- ownership
+
+    def owns(self, path: str | Path) -> bool:
+        """True for an entry file directly in the root, after resolving symlinks and ``..``.
+
+        Only such files may be quarantined or deleted; anything else is the user's.
+        """
+        try:
+            root = self.root.resolve()
+            target = Path(path).resolve()
+        except (OSError, RuntimeError):
+            return False
+        return target.parent == root
+
+    def _refuse_outside(self, path: Path, verb: str) -> None:
+        if not self.owns(path):
+            raise UsageError(
+                f"Refusing to {verb} {path}: it is outside the cache root {self.root.resolve()} (or in one "
+                "of its working folders). featx only deletes its own entry files; delete this one yourself "
+                "if you mean to."
+            )
 
     # ---------------------------------------------------------------- lookup
 
@@ -89,7 +146,9 @@ class CacheStore:
                 if verify:
                     entry.verify()
                 return entry
-            except CacheCorruptError as exc:
+            except CacheFormatError as exc:  # another format: absent, the rebuild replaces it
+                log.info("%s", exc)
+            except CacheCorruptError as exc:  # environmental errors propagate: the entry is left alone
                 self.quarantine(path, str(exc))
         return None
 
@@ -99,24 +158,23 @@ class CacheStore:
         for path in self._candidates():
             try:
                 out.append(FeatureEntry(path))
-            except CacheCorruptError as exc:
+            except (CacheCorruptError, CacheUnavailableError, CacheFormatError) as exc:
                 out.append((path, str(exc)))
         return out
 
-    def resolve(self, ref) -> FeatureEntry:
-        """An entry from a FeatureEntry, a file path, a file name or a key prefix."""
+    def resolve(self, ref, owned: bool = False) -> FeatureEntry:
+        """An entry from a FeatureEntry, a file path, a file name or a key prefix.
+
+        ``owned=True`` (for deleting) refuses anything that is not an entry file of this cache.
+        """
         if isinstance(ref, FeatureEntry):
+            if owned:
+                self._refuse_outside(ref.path, "delete")
             return ref
         text = str(ref)
-        path = Path(text).expanduser()
-        if path.suffix == ".h5" and path.is_file():
-            try:
-                return FeatureEntry(path)
-            except CacheCorruptError as exc:
-                self.quarantine(path, str(exc))
-                raise
-        if (self.root / text).is_file():
-            return self.resolve(self.root / text)
+        path = next((p for p in (Path(text).expanduser(), self.root / text) if p.is_file()), None)
+        if path is not None:
+            return self._open_file(path, owned)
         if re.fullmatch(r"[0-9a-f]{4,64}", text):
             hits = [e for e in self.entries() if isinstance(e, FeatureEntry) and e.key.startswith(text)]
             if len(hits) == 1:
@@ -133,22 +191,60 @@ class CacheStore:
             "Give a key prefix or a path; list them with: featx cache ls"
         )
 
+    def _open_file(self, path: Path, owned: bool) -> FeatureEntry:
+        """Open a named file: quarantined only if it is this cache's own entry, else read-only."""
+        if owned:
+            self._refuse_outside(path, "delete")
+        real = path.resolve()
+        root = self.root.resolve()
+        working = next((d for d in RESERVED if (root / d) in real.parents), None)
+        if path.suffix != ".h5" or working:
+            why = f"it is in {working}/" if working else "entries are .h5 files"
+            raise EntryNotFoundError(
+                f"{path} is not a featx cache entry ({why}). Entries are the .h5 files directly in {root}; "
+                "list them with: featx cache ls"
+            )
+        try:
+            return FeatureEntry(path)
+        except CacheCorruptError as exc:
+            if self.owns(path):
+                self.quarantine(path, str(exc))
+                raise
+            raise CacheCorruptError(f"{exc} It is not in the cache root {root}, so it was left untouched.") from exc
+
     # ---------------------------------------------------------------- lifecycle
 
     def quarantine(self, path: Path, reason: str) -> Path | None:
-        """Move a corrupt file aside so it is never read again."""
+        """Move a corrupt entry file aside so it is never read again.
+
+        Only the cache's own entry files move. When the move fails (read-only cache) the file is
+        left where it is and skipped; the caller carries on. Returns the new path, or None.
+        """
+        path = Path(path)
+        if not self.owns(path):
+            log.warning("not moving %s: it is not an entry file of the cache %s (%s)", path, self.root, reason)
+            return None
         qdir = self.root / "quarantine"
-        qdir.mkdir(parents=True, exist_ok=True)
         target = qdir / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}"
         try:
+            qdir.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
         except FileNotFoundError:
             return None
-        (qdir / (target.name + ".reason.txt")).write_text(reason + "\n")
+        except OSError as exc:
+            log.warning("could not move corrupt cache file %s to %s (%s); it is left in place and skipped: %s",
+                        path, qdir, exc.strerror or exc, reason)
+            return None
+        try:
+            (qdir / (target.name + ".reason.txt")).write_text(reason + "\n")
+        except OSError:
+            pass
         log.warning("moved corrupt cache file %s to %s: %s", path, target, reason)
         return target
 
     def remove(self, entry: FeatureEntry) -> None:
+        """Delete an entry of this cache (and its interrupted run); refuses any other file."""
+        self._refuse_outside(entry.path, "delete")
         with self.lock(entry.key):
             entry.path.unlink(missing_ok=True)
             shutil.rmtree(self.root / ".partial" / entry.key, ignore_errors=True)
@@ -158,13 +254,12 @@ class CacheStore:
         """Exclusive per-key lock; a second process waits, then finds the finished entry."""
         self._ensure()
         path = self.root / ".locks" / f"{key}.lock"
-        fh = open(path, "a+")
         try:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
+            fh = open(path, "a+")
+        except OSError as exc:
+            raise self._unwritable(exc) from exc
+        try:
+            if not _try_flock(fh):
                 fh.seek(0)
                 holder = fh.read().strip() or "another process"
                 log.info("waiting for %s, which is building cache entry %s", holder, key[:12])
@@ -177,6 +272,75 @@ class CacheStore:
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
+
+    @contextlib.contextmanager
+    def _try_lock(self, key: str | None, create: bool):
+        """Yields True when no process holds ``key``'s lock (then holds it), False otherwise."""
+        path = self.root / ".locks" / f"{key}.lock"
+        if key is None or not (create or path.exists()):
+            yield True
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+        try:
+            if not _try_flock(fh):
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        finally:
+            fh.close()
+
+    def _leftover_candidates(self) -> list[tuple[str, Path, str | None]]:
+        """(kind, path, key whose lock guards it) for everything under .tmp, .partial, quarantine."""
+        def children(sub: str) -> list[Path]:
+            d = self.root / sub
+            return sorted(d.iterdir()) if d.is_dir() else []
+
+        def key_of(name: str) -> str | None:
+            head = name.split(".", 1)[0]
+            return head if re.fullmatch(r"[0-9a-f]{64}", head) else None
+
+        return ([("tmp", p, key_of(p.name)) for p in children(".tmp")]
+                + [("partial", p, key_of(p.name)) for p in children(".partial")]
+                + [("dist", p, None) for p in children(".dist")]
+                + [("quarantine", p, None) for p in children("quarantine")])
+
+    def gc(self, dry_run: bool = False, older_than_days: float = 0.0) -> list[Leftover]:
+        """Remove (or with ``dry_run`` only list) what killed runs left behind.
+
+        A ``.tmp`` file or ``.partial`` run counts as abandoned only while no process holds its
+        key's lock; the lock is held while it is removed, so a run cannot resume into it.
+        Items younger than ``older_than_days`` (newest modification inside) are kept.
+        """
+        if older_than_days < 0:
+            raise UsageError(f"--older-than must be zero or a positive number of days, got {older_than_days}.")
+        done = []
+        for kind, path, key in self._leftover_candidates():
+            size, age = _size_and_age(path)
+            if age < older_than_days:
+                continue
+            if kind == "dist" and age < DIST_IDLE_DAYS:
+                continue  # ranks of a live torchrun job touch their heartbeats every batch
+            with self._try_lock(key, create=not dry_run) as free:
+                if not free:
+                    continue
+                if not dry_run:
+                    try:
+                        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        log.warning("could not remove %s: %s", path, exc.strerror or exc)
+                        continue
+            done.append(Leftover(kind, path, size, age))
+        return done
+
+    def leftovers(self) -> list[Leftover]:
+        """Abandoned leftovers that ``gc`` would remove now."""
+        return self.gc(dry_run=True)
 
     def partial(self, key: str, plan: dict) -> PartialRun:
         self._ensure()
@@ -198,6 +362,8 @@ class CacheStore:
             with h5py.File(tmp, "a" if base is not None else "w", track_order=True) as f:
                 if base is None:
                     self._write_header(f, key, config, samples, classes, ladder, versions, featx_version, run)
+                else:
+                    self._merge_status(f["samples"], run)
                 f.attrs["complete"] = False
                 self._write_layers(f, run, records)
                 order = (json.loads(f["layers"].attrs["order"]) if base is not None else []) + [
@@ -205,6 +371,7 @@ class CacheStore:
                 ]
                 rank = {name: int(f["layers"][name].attrs["order"]) for name in order}
                 f["layers"].attrs["order"] = json.dumps(sorted(order, key=rank.get))
+                f.attrs["metadata_digest"] = metadata_digest(f)
                 f.attrs["updated_utc"] = _now()
                 f.attrs["complete"] = True
             with open(tmp, "rb") as fh:
@@ -226,12 +393,7 @@ class CacheStore:
         f.attrs["key"] = key
         f.attrs["config"] = config_json(config)
         f.attrs["versions"] = json.dumps(versions, sort_keys=True)
-        ok = np.zeros(len(samples["id"]), dtype=bool)
-        err = np.empty(len(samples["id"]), dtype=object)
-        for shard in range(run.n_shards):
-            start, stop = run.rows(shard)
-            _, shard_ok, shard_err = run.read(shard)
-            ok[start:stop], err[start:stop] = shard_ok, shard_err.astype(object)
+        ok, err = _run_status(run)
         g = f.create_group("samples")
         checked = {"fletcher32": True}
         ids = np.asarray(samples["id"], dtype=object)
@@ -246,6 +408,16 @@ class CacheStore:
         f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=STR)
         f.create_dataset("ladder", data=json.dumps(ladder), dtype=STR)
         f.create_group("layers", track_order=True)
+
+    @staticmethod
+    def _merge_status(g, run: PartialRun) -> None:
+        """An image is ok only if every pass read it; the first reason it failed is kept."""
+        new_ok, new_err = _run_status(run)
+        old_err = str_array(g["error"])
+        g["ok"][...] = g["ok"][()].astype(bool) & new_ok
+        err = np.asarray([old or new for old, new in zip(old_err, new_err)], dtype=object)
+        g["error"][...] = err
+        g.attrs["strings_digest"] = strings_digest(str_array(g["id"]), str_array(g["split"]), err)
 
     @staticmethod
     def _write_layers(f, run: PartialRun, records: list[LayerRecord]) -> None:
@@ -267,3 +439,39 @@ class CacheStore:
             arrays, _, _ = run.read(shard)
             for name, ds in datasets.items():
                 ds[start:stop] = arrays[name]
+
+
+def _try_flock(fh) -> bool:
+    """Take ``fh``'s exclusive lock if no other process holds it."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+    return True
+
+
+def _size_and_age(path: Path) -> tuple[int, float]:
+    """Bytes under ``path`` and days since anything in it last changed."""
+    files = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file()] + [path]
+    size, newest = 0, 0.0
+    for p in files:
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        size += st.st_size if p.is_file() else 0
+        newest = max(newest, st.st_mtime)
+    return size, max(0.0, (time.time() - newest) / 86400)
+
+
+def _run_status(run: PartialRun) -> tuple[np.ndarray, np.ndarray]:
+    """ok flags and error texts of every row of a finished run."""
+    ok = np.zeros(run.plan["n"], dtype=bool)
+    err = np.empty(run.plan["n"], dtype=object)
+    for shard in range(run.n_shards):
+        start, stop = run.rows(shard)
+        shard_ok, shard_err = run.status(shard)
+        ok[start:stop], err[start:stop] = shard_ok, [str(e) for e in shard_err]
+    return ok, err

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UnknownDatasetError, UsageError, did_you_mean
-from .images import ImageDecodeError
+from .images import ImageDecodeError, ImageReadError
 from .sources import (
     ImageSource,
     default_data_root,
@@ -26,6 +27,7 @@ __all__ = [
     "ImageDataset",
     "open_dataset",
     "stratified_limit",
+    "smallest_working_limit",
     "dataset_names",
 ]
 
@@ -36,15 +38,20 @@ def dataset_names() -> list[str]:
     return list(BUILTIN) + sorted(TORCHVISION_DATASETS)
 
 
-def open_dataset(spec: str, data_root: str | Path | None = None, download: bool = True) -> ImageSource:
-    """Resolve a dataset spec (``digits``, ``fashion-mnist``, ``cifar10``, ``folder:PATH``, ``csv:FILE``)."""
+def open_dataset(spec: str, data_root: str | Path | None = None, download: bool = True,
+                 hash_content: bool = False) -> ImageSource:
+    """Resolve a dataset spec (``digits``, ``fashion-mnist``, ``cifar10``, ``folder:PATH``, ``csv:FILE``).
+
+    ``hash_content``: fingerprint image files by the sha256 of their bytes instead of their
+    size, times and inode (folders and CSV files; in-memory sets always hash their pixels).
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise UnknownDatasetError("A dataset is required, e.g. digits, fashion-mnist, folder:PATH or csv:FILE.")
     spec = spec.strip()
     root = Path(data_root).expanduser() if data_root else None
     kind, _, rest = spec.partition(":")
     if rest and kind in ("folder", "csv"):
-        return load_folder(rest) if kind == "folder" else load_csv(rest)
+        return (load_folder if kind == "folder" else load_csv)(rest, hash_content=hash_content)
     name = spec.lower().replace("_", "-")
     aliases = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "oxford-pets": "oxford-iiit-pet"}
     name = aliases.get(name, name)
@@ -88,6 +95,30 @@ def stratified_limit(source: ImageSource, limit: int | None, seed: int = 0) -> I
     return source.subset(np.sort(np.concatenate(chosen)))
 
 
+def smallest_working_limit(source: ImageSource, works: Callable[[ImageSource], bool], start: int,
+                           seed: int = 0) -> int | None:
+    """The smallest ``--limit`` above ``start`` whose seeded subset ``works`` (None: not even all of it).
+
+    Doubling then bisection; the answer is checked, so an uneven boundary costs a larger
+    suggestion, never a wrong one.
+    """
+    n = len(source)
+    if not works(source):
+        return None
+    lo, hi = max(int(start), 1), n
+    step = max(lo, 1)
+    while lo + step < n and not works(stratified_limit(source, lo + step, seed)):
+        lo, step = lo + step, step * 2
+    hi = min(n, lo + step)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if works(stratified_limit(source, mid, seed)):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decode + resize + crop one sample; a failure is reported, never substituted."""
 
@@ -98,8 +129,15 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int):
+        """(uint8 image, "") or (zeros, reason). A file that cannot be read (ImageReadError)
+        is raised, not recorded: it is a fault of the environment, not of the image."""
         try:
             return self.pre.pil_to_uint8(self.source.image(i)), ""
+        except ImageReadError:
+            raise
         except ImageDecodeError as exc:
-            size = self.pre.crop_size
-            return torch.zeros(3, size, size, dtype=torch.uint8), exc.reason or "unreadable image"
+            reason = exc.reason or "unreadable image"
+        except Exception as exc:  # MemoryError and any decoder/resizer failure belong to this image
+            reason = f"cannot decode or resize image ({type(exc).__name__}: {exc})"
+        size = self.pre.crop_size
+        return torch.zeros(3, size, size, dtype=torch.uint8), reason

@@ -7,9 +7,12 @@ names, a way to decode sample ``i``, and a fingerprint of its content for the ca
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
+import io
+import logging
 import os
 import struct
 from abc import ABC, abstractmethod
@@ -18,9 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..cache.key import strings_digest
+from ..cache.key import file_digest, strings_digest
 from ..errors import DatasetNotFoundError, UsageError
-from .images import ImageDecodeError, decode_image, to_rgb
+from .images import ImageDecodeError, decode_image, read_with_retry, to_rgb
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
@@ -54,10 +59,14 @@ class ImageSource(ABC):
         """Where sample ``i`` lives, for error messages."""
         return str(self.ids[i])
 
+    def source_identity(self) -> dict:
+        """The fields that name the source in the fingerprint (file sources drop their location)."""
+        return {"source": self.spec}
+
     def fingerprint(self) -> dict:
         """Identity of the exact sample list and content; part of the cache key."""
         return {
-            "source": self.spec,
+            **self.source_identity(),
             "n": len(self),
             "samples": strings_digest(self.ids, self.labels, self.splits),
             "classes": list(self.classes),
@@ -81,6 +90,9 @@ class SubsetSource(ImageSource):
 
     def location(self, i: int) -> str:
         return self.base.location(int(self.indices[i]))
+
+    def source_identity(self) -> dict:
+        return self.base.source_identity()
 
     def content_digest(self) -> str:
         h = hashlib.sha256(self.base.content_digest().encode())
@@ -114,15 +126,24 @@ class ArraySource(ImageSource):
 
 
 class FileSource(ImageSource):
-    """Images stored as files; fingerprinted by relative path, size and mtime."""
+    """Images stored as files, fingerprinted by path relative to the folder (or the CSV file's
+    directory), so that moving the dataset keeps its cache entries.
 
-    def __init__(self, spec, root: Path, paths: list[Path], labels, splits, ids, classes):
+    By default each file contributes its size, mtime, ctime and inode: ``cp -p``, ``rsync -a``
+    and ``tar x`` restore size and mtime, but no user call can set ctime, and replacing a file
+    gives a new inode. ``hash_content=True`` uses the sha256 of every file's bytes instead:
+    slower, but stable across copies and machines and blind to nothing.
+    """
+
+    def __init__(self, spec, root: Path, paths: list[Path], labels, splits, ids, classes,
+                 hash_content: bool = False):
         self.spec, self.root = spec, root
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
         self.splits = np.asarray(splits, dtype=object)
         self.ids = np.asarray(ids, dtype=object)
         self.classes = list(classes)
+        self.hash_content = bool(hash_content)
 
     def image(self, i: int) -> Image.Image:
         return decode_image(self.paths[i])
@@ -130,15 +151,35 @@ class FileSource(ImageSource):
     def location(self, i: int) -> str:
         return str(self.paths[i])
 
+    def source_identity(self) -> dict:
+        return {
+            "source": self.spec.partition(":")[0],  # folder or csv: moving or renaming keeps the key
+            "location": self.spec,  # where it was read; kept with the entry, left out of the key
+            "content_mode": "sha256" if self.hash_content else "stat",
+        }
+
+    def _relative(self, p: Path) -> str:
+        try:
+            return p.relative_to(self.root).as_posix()
+        except ValueError:  # an absolute path outside the root (CSV files may list them)
+            return p.as_posix()
+
     def content_digest(self) -> str:
         h = hashlib.sha256()
         for p in self.paths:
-            try:
-                st = p.stat()
-                h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{p}\tmissing\n".encode())
+            h.update(f"{self._relative(p)}\t{_file_state(p, self.hash_content)}\n".encode())
         return h.hexdigest()
+
+
+def _file_state(p: Path, hash_content: bool) -> str:
+    """What a file's content is, as far as the fingerprint can tell without (or with) reading it."""
+    try:
+        if hash_content:
+            return file_digest(p)
+        st = p.stat()
+        return f"{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\t{st.st_ino}"
+    except OSError:
+        return "missing"
 
 
 class TorchvisionSource(ImageSource):
@@ -165,7 +206,7 @@ class TorchvisionSource(ImageSource):
     def image(self, i: int) -> Image.Image:
         ds, j = self._locate(i)
         try:
-            img = ds[j][0]
+            img = read_with_retry(lambda: ds[j][0], self.location(i))  # I/O errors are not the image's
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageDecodeError(f"cannot decode image ({exc})") from None
         if not isinstance(img, Image.Image):
@@ -182,10 +223,10 @@ class TorchvisionSource(ImageSource):
             elif data is not None and hasattr(data, "numpy"):
                 h.update(memoryview(np.ascontiguousarray(data.numpy())).cast("B"))
             else:
-                for f in sorted(Path(ds.root).rglob("*")) if hasattr(ds, "root") else []:
+                base = Path(ds.root) if hasattr(ds, "root") else None
+                for f in sorted(base.rglob("*")) if base is not None else []:
                     if f.is_file():
-                        st = f.stat()
-                        h.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+                        h.update(f"{f.relative_to(base).as_posix()}\t{_file_state(f, False)}\n".encode())
         return h.hexdigest()
 
 
@@ -312,37 +353,106 @@ def _natural_sorted(names) -> list[str]:
     return names
 
 
-def _list_images(directory: Path) -> list[Path]:
-    return sorted(
-        p for p in directory.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+def _check_same_numbers(names, where: str, rows: dict | None = None) -> None:
+    """Refuse class names that are one integer written two ways (``1``, ``01``): one class or two?"""
+    by_value: dict[int, list[str]] = {}
+    for name in sorted(set(names)):
+        if name.lstrip("-").isdigit():
+            by_value.setdefault(int(name), []).append(name)
+    clashes = [spellings for spellings in by_value.values() if len(spellings) > 1]
+    if not clashes:
+        return
+    def show(name):
+        return f"{name!r} (row {rows[name]})" if rows else repr(name)
+    listed = "; ".join(" and ".join(show(n) for n in spellings) for spellings in clashes)
+    raise UsageError(
+        f"{where}: the labels {listed} are the same number written differently, so it is unclear whether "
+        "they are one class or two. Write each class one way (e.g. 1, not 01), then run again."
     )
 
 
-_SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val",
-               "validation": "val", "test": "test", "testing": "test"}
+#: names that archivers, file managers and NAS boxes leave next to the data
+JUNK_NAMES = {"__macosx", ".ds_store", "thumbs.db", "@eadir", "desktop.ini", "$recycle.bin", "lost+found"}
 
 
-def load_folder(path: str) -> FileSource:
+def _is_junk(name: str) -> bool:
+    return name.startswith(".") or name.lower() in JUNK_NAMES
+
+
+def _list_images(directory: Path, skipped: list[Path]) -> list[Path]:
+    """Image files under ``directory``; hidden and system folders are not descended into."""
+    found = []
+    for here, dirs, files in os.walk(directory):
+        here_path = Path(here)
+        skipped += [here_path / d for d in dirs if _is_junk(d)]
+        dirs[:] = sorted(d for d in dirs if not _is_junk(d))
+        for name in files:
+            if _is_junk(name):
+                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                    skipped.append(here_path / name)
+            elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(here_path / name)
+    return sorted(found)
+
+
+_SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "dev": "val", "test": "test", "testing": "test"}
+
+
+def _visible_dirs(base: Path, skipped: list[Path]) -> list[Path]:
+    dirs = sorted(p for p in base.iterdir() if p.is_dir())
+    skipped += [p for p in dirs if _is_junk(p.name)]
+    return [p for p in dirs if not _is_junk(p.name)]
+
+
+def _split_groups(root: Path, skipped: list[Path]) -> list[tuple[str, Path]]:
+    """(split, folder) pairs: train/ val/ test/ folders when the root holds them, else the root."""
+    subdirs = _visible_dirs(root, skipped)
+    split_dirs = [p for p in subdirs if p.name.lower() in _SPLIT_DIRS]
+    if not split_dirs:
+        return [("", root)]
+    others = [p.name for p in subdirs if p.name.lower() not in _SPLIT_DIRS]
+    if others:
+        raise UsageError(
+            f"{root} holds split folders ({', '.join(p.name for p in split_dirs)}) next to other folders "
+            f"({', '.join(others)}). featx reads train/ val/ test/ (also training, valid, validation, dev, "
+            "testing) with one sub-folder per class inside, or class folders alone; a mix would turn the split "
+            "folders into classes. Move or remove the other folders."
+        )
+    return [(_SPLIT_DIRS[p.name.lower()], p) for p in split_dirs]
+
+
+def _warn_skipped(root: Path, skipped: list[Path], loose: list[Path]) -> None:
+    if skipped:
+        names = sorted({p.relative_to(root).as_posix() for p in skipped})
+        log.warning("skipped %d hidden or system item(s) in %s: %s%s", len(names), root, ", ".join(names[:8]),
+                    " ..." if len(names) > 8 else "")
+    if loose:
+        names = sorted(p.relative_to(root).as_posix() for p in loose)
+        log.warning("%d image(s) in %s are not inside a class folder and are left out: %s%s", len(names), root,
+                    ", ".join(names[:8]), " ..." if len(names) > 8 else "")
+
+
+def load_folder(path: str, hash_content: bool = False) -> FileSource:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise UsageError(f"Image folder {str(root)!r} does not exist or is not a directory.")
     root = root.resolve()
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    split_dirs = [p for p in subdirs if p.name.lower() in _SPLIT_DIRS]
-    if split_dirs and len(split_dirs) == len(subdirs):
-        groups = [(_SPLIT_DIRS[p.name.lower()], p) for p in split_dirs]
-    else:
-        groups = [("", root)]
+    skipped: list[Path] = []
+    loose: list[Path] = []
     entries = []  # (split, class name, path)
-    for split, base in groups:
-        for class_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            entries += [(split, class_dir.name, f) for f in _list_images(class_dir)]
+    for split, base in _split_groups(root, skipped):
+        loose += [f for f in base.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                  and not _is_junk(f.name)]
+        for class_dir in _visible_dirs(base, skipped):
+            entries += [(split, class_dir.name, f) for f in _list_images(class_dir, skipped)]
+    _warn_skipped(root, skipped, loose)
     if not entries:
         raise UsageError(
             f"No images found in {root}. Expected one sub-folder per class (optionally under "
             "train/ val/ test/) holding files ending in " + ", ".join(IMAGE_EXTENSIONS) + "."
         )
+    _check_same_numbers([c for _, c, _ in entries], f"Class folders of {root}")
     classes = _natural_sorted(c for _, c, _ in entries)
     index = {c: i for i, c in enumerate(classes)}
     return FileSource(
@@ -352,40 +462,152 @@ def load_folder(path: str) -> FileSource:
         [s for s, _, _ in entries],
         [f.relative_to(root).as_posix() for _, _, f in entries],
         classes,
+        hash_content=hash_content,
     )
 
 
-def load_csv(path: str) -> FileSource:
+# --------------------------------------------------------------------------- CSV
+
+_COLUMNS = {"path": "path", "file": "path", "filename": "path", "image": "path", "label": "label",
+            "class": "label", "split": "split"}
+_CSV_FORMAT = ("path,label[,split] (in any order; 'file', 'filename' or 'image' also name the path column and "
+               "'class' the label column)")
+
+
+def _read_csv(file: Path) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of the non-blank rows; a file that is not UTF-8 is refused."""
+    data = file.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = bom + exc.start
+        line = data[:offset].count(b"\n") + 1
+        raise UsageError(
+            f"CSV file {file} is not UTF-8 text: byte {offset} (line {line}, value 0x{data[offset]:02x}) cannot "
+            f"be decoded. Re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {file} > fixed.csv`, and use "
+            "the new file."
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows = []
+    for row in reader:
+        if row and any(c.strip() for c in row):
+            rows.append((reader.line_num, row))
+    return rows
+
+
+def _csv_header(file: Path, first: list[str]) -> list[str] | None:
+    """Column names when the first row is a header; None for a file without one."""
+    names = [c.strip().lower() for c in first]
+    mapped = [_COLUMNS.get(n) for n in names]
+    if any(mapped):
+        if "path" not in mapped or "label" not in mapped or None in mapped or len(set(mapped)) < len(mapped):
+            raise UsageError(f"CSV file {file} needs columns path,label[,split]; got {','.join(names)}. "
+                             f"Expected: {_CSV_FORMAT}.")
+        return mapped
+    path = Path(first[0].strip())
+    looks_like_data = path.suffix.lower() in IMAGE_EXTENSIONS or (file.parent / path).is_file()
+    if not looks_like_data:
+        raise UsageError(
+            f"CSV file {file}: the first row ({','.join(c.strip() for c in first)}) looks like a header, but its "
+            f"columns are not the ones featx reads. Expected: {_CSV_FORMAT}. Rename the columns in the first "
+            "row (or remove it if it is not a header)."
+        )
+    return None
+
+
+def _row_error(file: Path, lineno: int, what: str) -> UsageError:
+    return UsageError(f"CSV file {file}, row {lineno}: {what}")
+
+
+def load_csv(path: str, hash_content: bool = False) -> FileSource:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UsageError(f"CSV file {str(file)!r} does not exist.")
     file = file.resolve()
-    with open(file, newline="", encoding="utf-8-sig") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-    if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
-        header, rows = [c.strip().lower() for c in rows[0]], rows[1:]
+    rows = _read_csv(file)
+    if not rows:
+        raise UsageError(f"CSV file {file} has no samples.")
+    header = _csv_header(file, rows[0][1])
+    if header is None:
+        header = ["path", "label", "split"][: len(rows[0][1])]
+        if len(header) < 2:
+            raise UsageError(f"CSV file {file} needs columns path,label[,split]; its rows have one column.")
     else:
-        header = ["path", "label", "split"][: len(rows[0]) if rows else 2]
-    if "path" not in header and header[0] in ("file", "filename", "image"):
-        header[0] = "path"
+        rows = rows[1:]
     if not rows:
         raise UsageError(f"CSV file {file} has no samples.")
     col = {name: i for i, name in enumerate(header)}
-    if "label" not in col:
-        raise UsageError(f"CSV file {file} needs columns path,label[,split]; got {','.join(header)}.")
-    paths, raw_labels, splits, ids = [], [], [], []
-    for lineno, row in enumerate(rows, start=2 if header else 1):
+    paths, raw_labels, splits, ids, linenos = [], [], [], [], []
+    seen: dict[str, tuple[int, str]] = {}
+    for lineno, row in rows:
         if len(row) < len(header):
-            raise UsageError(f"{file}, row {lineno}: expected {len(header)} columns, got {len(row)}.")
+            raise _row_error(file, lineno, f"expected {len(header)} columns, got {len(row)}.")
+        if any(c.strip() for c in row[len(header):]):
+            raise _row_error(file, lineno, f"expected {len(header)} columns, got {len(row)}; quote paths that "
+                             "contain commas.")
         rel = row[col["path"]].strip()
+        if not rel:
+            raise _row_error(file, lineno, "no path (the path column is empty). Every row needs an image path.")
         p = Path(rel)
-        paths.append(p if p.is_absolute() else file.parent / p)
+        full = p if p.is_absolute() else file.parent / p
+        same = os.path.normpath(full)
+        if same in seen:
+            raise _row_error(file, lineno, f"{rel!r} is listed twice (also row {seen[same][0]}, {seen[same][1]!r}); "
+                             "each image may appear once. Remove the duplicate row.")
+        seen[same] = (lineno, rel)
+        paths.append(full)
         ids.append(rel)
+        linenos.append(lineno)
         raw_labels.append(row[col["label"]].strip())
-        splits.append(row[col["split"]].strip().lower() if "split" in col else "")
+        splits.append(row[col["split"]].strip() if "split" in col else "")
+    first_row = {}
+    for lab, lineno in zip(raw_labels, linenos):
+        first_row.setdefault(lab, lineno)
+    _check_same_numbers([lab for lab in raw_labels if lab], f"CSV file {file}", first_row)
+    canonical = _csv_splits(file, splits, linenos)
+    _warn_csv(file, paths, raw_labels, linenos)
     classes = _natural_sorted(lab for lab in raw_labels if lab != "")
     index = {c: i for i, c in enumerate(classes)}
     return FileSource(
         f"csv:{file}", file.parent, paths, [index.get(lab, -1) for lab in raw_labels],
-        [_SPLIT_DIRS.get(s, s) for s in splits], ids, classes,
+        canonical, ids, classes, hash_content=hash_content,
     )
+
+
+def _rows_text(linenos: list[int]) -> str:
+    return ", ".join(str(n) for n in linenos[:8]) + (" ..." if len(linenos) > 8 else "")
+
+
+def _csv_splits(file: Path, splits: list[str], linenos: list[int]) -> list[str]:
+    """Canonical split names; unknown names, or rows without a split among rows with one, are refused."""
+    canonical = [_SPLIT_DIRS.get(s.lower(), s.lower()) if s else "" for s in splits]
+    unknown: dict[str, list[int]] = {}
+    for value, raw, lineno in zip(canonical, splits, linenos):
+        if value and value not in ("train", "val", "test"):
+            unknown.setdefault(raw, []).append(lineno)
+    if unknown:
+        listed = "; ".join(f"{name!r} (row {_rows_text(rows)})" for name, rows in unknown.items())
+        raise UsageError(
+            f"CSV file {file}: unknown split {listed}. Valid splits: train, val (also valid, validation, dev) "
+            "and test (also testing), or an empty split column for data without splits. Rows of other splits "
+            "are never trained on silently: rename them or remove those rows."
+        )
+    empty = [n for value, n in zip(canonical, linenos) if not value]
+    if empty and len(empty) < len(canonical):
+        raise UsageError(
+            f"CSV file {file}: rows {_rows_text(empty)} have no split while the others do. Write train, val or "
+            "test in every row, or leave the split column empty everywhere."
+        )
+    return canonical
+
+
+def _warn_csv(file: Path, paths: list[Path], labels: list[str], linenos: list[int]) -> None:
+    unlabelled = [n for lab, n in zip(labels, linenos) if not lab]
+    if unlabelled:
+        log.warning("%s: %d row(s) have no label and are kept as unlabelled (-1), not probed: rows %s", file,
+                    len(unlabelled), _rows_text(unlabelled))
+    missing = [n for p, n in zip(paths, linenos) if not p.is_file()]
+    if missing:
+        log.warning("%s: %d listed image(s) do not exist and will be recorded as unreadable: rows %s", file,
+                    len(missing), _rows_text(missing))

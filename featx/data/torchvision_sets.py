@@ -1,4 +1,8 @@
-"""torchvision datasets by name, with their own train/test splits."""
+"""torchvision datasets by name, with their own splits.
+
+Sets with an official validation split (Flowers102, DTD, FGVC-Aircraft, Country211) keep it
+as ``val``: the probe chooses hyper-parameters on it and never trains on it.
+"""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from ..errors import UsageError
+from .images import check_dimensions
 
 INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
@@ -70,7 +71,9 @@ class Preprocessing:
         )
 
     def pil_to_uint8(self, img: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> uint8 tensor (3, crop, crop)."""
+        """RGB PIL image -> uint8 tensor (3, crop, crop); absurd sizes are refused before resizing
+        (ImageDecodeError), so one image cannot exhaust the memory of the whole run."""
+        check_dimensions(*img.size, resize_to=self.resize_size)
         img = TF.resize(img, self.resize_size, interpolation=INTERPOLATIONS[self.interpolation],
                         antialias=True)
         img = TF.center_crop(img, [self.crop_size, self.crop_size])

@@ -6,29 +6,75 @@ shared ``.partial`` directory, and rank 0, which holds the entry's lock, assembl
 once all ranks are done. Only decisions (hit or build, the plan, errors, the final path) go
 through ``torch.distributed``; features go through the filesystem, so the cache directory must
 be shared by all ranks (one node, or a network filesystem).
+
+Before any forward pass the ranks check that they agree: on the entry's key (a node-local copy
+of the dataset with other modification times gives another key), on the extraction plan, and
+on the cache directory (rank 0 writes a random token there that every other rank must read).
+No rank waits for a peer for ever: collectives time out after ``FEATX_DIST_TIMEOUT`` seconds,
+and the long waits (a forward pass, rank 0 assembling the entry) end with an error when a
+peer's heartbeat in the shared cache directory has not moved for that long.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
-from dataclasses import dataclass
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .._runtime import Device, available_cores
-from ..errors import FeatxError
+from ..errors import FeatxError, UsageError
 
-#: ranks wait for each other around a forward pass that can take hours
-COLLECTIVE_TIMEOUT = datetime.timedelta(hours=24)
+log = logging.getLogger(__name__)
+
+#: seconds a rank waits for a peer that shows no sign of life (``FEATX_DIST_TIMEOUT``)
+DEFAULT_TIMEOUT = 300.0
 
 
-@dataclass(frozen=True)
+def dist_timeout() -> float:
+    """``FEATX_DIST_TIMEOUT`` in seconds (default 300): how long a hung peer may keep the others waiting."""
+    text = os.environ.get("FEATX_DIST_TIMEOUT", "")
+    if not text.strip():
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UsageError(f"FEATX_DIST_TIMEOUT must be a positive number of seconds, got {text!r}.")
+    return value
+
+
+def config_differences(a, b, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two configs differ (``dataset.content``, ``code.torch``)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += config_differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".") or "(whole value)"]
+
+
+@dataclass
 class ProcessGroup:
     rank: int
     world: int
     local_rank: int
     local_world: int
+    timeout: float = DEFAULT_TIMEOUT
+    #: per-run directory in the shared cache holding heartbeats; set by ``check_shared_dir``
+    session: Path | None = None
+    _phase: int = 0
+    _beats: int = 0
+    _last_beat: float = field(default=0.0, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -46,15 +92,156 @@ class ProcessGroup:
         return out
 
     def on_main(self, fn):
-        """Collective: ``fn()`` runs on rank 0 only; its result (or its error) reaches every rank."""
+        """Collective: ``fn()`` runs on rank 0 only; its result (or its error) reaches every rank.
+
+        The others wait for it with a bound on how long rank 0 may show no sign of life."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                with self.beating():
+                    result = fn()
+            except BaseException as exc:  # re-raised below, after the others heard of it
+                error = exc
+        self.wait_for_peers()
+        self.raise_any(error)
+        return self.broadcast(result)
+
+    # ------------------------------------------------------------ agreement before computing
+
+    def agree(self, what: str, value, config: dict | None = None) -> None:
+        """Collective: raise on every rank unless all ranks hold rank 0's ``value``.
+
+        ``config`` (the description ``value`` is derived from) names the differing fields."""
+        everyone = self.gather((value, config))
+        differ = [r for r, (v, _) in enumerate(everyone) if v != everyone[0][0]]
+        if not differ:
+            return
+        lines = []
+        for r in differ:
+            a, b = everyone[0][1], everyone[r][1]
+            fields = config_differences(a, b) if isinstance(a, dict) and isinstance(b, dict) else []
+            lines.append(f"rank {r} differs from rank 0 in {', '.join(fields) or what}")
+        raise FeatxError(
+            f"The ranks disagree on the {what}; nothing was computed. " + "; ".join(lines) + ". Every rank must "
+            "see the same dataset (same files, sizes and modification times: copy node-local datasets with "
+            "`rsync -t` or `cp -p`, or use one shared copy), the same model, options and library versions."
+        )
+
+    def check_shared_dir(self, root: Path) -> None:
+        """Collective: every rank must see the cache directory rank 0 writes to.
+
+        Rank 0 writes a random token into ``root``; the others read it after a barrier. Starts
+        the heartbeat session used to bound later waits."""
+        def write_token() -> str:
+            token = secrets.token_hex(16)
+            session = Path(root) / ".dist" / token
+            session.mkdir(parents=True, exist_ok=True)
+            (session / "token").write_text(token)
+            return token
+
+        token = self.on_main_quick(write_token)
+        session = Path(root) / ".dist" / token
+        try:
+            seen = (session / "token").read_text() == token
+        except OSError:
+            seen = False
+        everyone = self.gather((seen, str(root)))
+        blind = [(r, where) for r, (ok, where) in enumerate(everyone) if not ok]
+        if blind:
+            if self.is_main:
+                shutil.rmtree(session, ignore_errors=True)
+            listing = "; ".join(f"rank {r} uses {where}" for r, where in blind)
+            raise FeatxError(
+                f"The cache directory is not shared by all ranks: rank 0 wrote a token into {everyone[0][1]} that "
+                f"other ranks cannot see ({listing}). Ranks exchange features through the cache directory: "
+                "point --cache-dir (or FEATX_CACHE_DIR) of every rank at one shared directory."
+            )
+        self.session = session
+        self.beat(force=True)
+
+    def on_main_quick(self, fn):
+        """``on_main`` for short work that needs no heartbeat (before the session exists)."""
         result, error = None, None
         if self.is_main:
             try:
                 result = fn()
-            except BaseException as exc:  # re-raised below, after the others heard of it
+            except BaseException as exc:
                 error = exc
         self.raise_any(error)
         return self.broadcast(result)
+
+    def close_session(self) -> None:
+        """Rank 0 removes the heartbeat files once every rank is past its last wait."""
+        if self.is_main and self.session is not None:
+            shutil.rmtree(self.session, ignore_errors=True)
+        self.session = None
+
+    # ------------------------------------------------------------ liveness
+
+    def beat(self, force: bool = False) -> None:
+        """Show the others that this rank makes progress (throttled to a few writes a minute)."""
+        if self.session is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_beat < min(2.0, self.timeout / 5):
+            return
+        self._last_beat = now
+        self._beats += 1
+        try:
+            (self.session / f"beat-{self.rank}").write_text(str(self._beats))
+        except OSError as exc:  # the others will notice the silence
+            log.warning("cannot write heartbeat: %s", exc)
+
+    @contextlib.contextmanager
+    def beating(self):
+        """Heartbeats from a thread while the main thread is in one long call (lock, verify, assemble)."""
+        stop = threading.Event()
+
+        def loop():
+            while not stop.wait(min(1.0, self.timeout / 5)):
+                self.beat(force=True)
+
+        thread = threading.Thread(target=loop, name="featx-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _read_beat(self, rank: int) -> str | None:
+        try:
+            return (self.session / f"beat-{rank}").read_text()
+        except OSError:
+            return None
+
+    def wait_for_peers(self) -> None:
+        """Arrive at the next meeting point and wait until every rank has; a peer whose heartbeat
+        stands still for ``timeout`` seconds is hung or gone, and waiting ends with an error."""
+        if self.session is None:
+            return
+        self._phase += 1
+        mark = self.session / f"arrived-{self._phase}-{self.rank}"
+        mark.write_text("")
+        last = {r: (self._read_beat(r), time.monotonic()) for r in range(self.world)}
+        waiting = set(range(self.world)) - {self.rank}
+        while waiting:
+            self.beat()
+            waiting = {r for r in waiting if not (self.session / f"arrived-{self._phase}-{r}").exists()}
+            now = time.monotonic()
+            for r in sorted(waiting):
+                value = self._read_beat(r)
+                if value != last[r][0]:
+                    last[r] = (value, now)
+                elif now - last[r][1] > self.timeout:
+                    raise FeatxError(
+                        f"Rank {r} has shown no sign of progress for {self.timeout:.0f} s (FEATX_DIST_TIMEOUT): it is "
+                        "hung or gone, so this rank stops instead of waiting for ever. The shards already written "
+                        "are kept and the next identical run resumes from them; raise FEATX_DIST_TIMEOUT if single "
+                        "batches legitimately take longer."
+                    )
+            if waiting:
+                time.sleep(0.2)
 
     def raise_any(self, error: BaseException | None) -> None:
         """Collective: re-raise on every rank when any rank failed (nobody waits forever)."""
@@ -87,11 +274,14 @@ def current_group() -> ProcessGroup | None:
 
     if not dist.is_available():  # pragma: no cover - torch built without distributed
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed support.")
+    timeout = dist_timeout()
     if not dist.is_initialized():
-        # gloo carries the small decisions exchanged here on any machine; features go through disk
-        dist.init_process_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+        # gloo carries the small decisions exchanged here on any machine; features go through disk.
+        # Collectives only exchange decisions, so a bounded timeout never cuts a forward pass short.
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
     return ProcessGroup(
         rank=dist.get_rank(), world=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.get_world_size()))),
+        timeout=timeout,
     )

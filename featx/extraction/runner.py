@@ -108,6 +108,36 @@ def _check_options(dtype, batch_size, workers, shard_rows):
                              f"integer, got {value!r}.")
 
 
+def device_numerics(device: Device) -> dict:
+    """What about the device changes float32 results: its type (cpu, cuda, mps; never its index,
+    so ranks on different GPUs of one kind share an entry) and the switches that let it trade
+    precision for speed (TF32 convolutions and matmuls on CUDA, the matmul precision setting)."""
+    numerics = {"type": device.torch_device.type,
+                "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    if device.is_cuda:
+        numerics["tf32"] = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                            "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+    return numerics
+
+
+def code_versions() -> dict:
+    """Versions of the code that defines the numbers, part of the key.
+
+    featx (pooling, layer taps), timm and torchvision (architectures, their preprocessing
+    defaults and the resize used on every image) define what is computed; torch defines how:
+    its kernels (oneDNN/cuDNN algorithms, summation order) change float results between
+    releases, and a stale entry silently mixed with new features is worse than one re-extraction
+    after an upgrade. Pillow decodes and resizes every image, so its version is included too.
+    numpy, h5py and python only store the results and are left out.
+    """
+    import PIL
+    import timm
+    import torchvision
+
+    return {"featx": __version__, "timm": timm.__version__, "torchvision": torchvision.__version__,
+            "torch": torch.__version__, "pillow": PIL.__version__}
+
+
 def entry_config(info: ModelInfo, pre, pool: str, token_pool: str, dtype: str, device: Device,
                  source: ImageSource, limit: int | None, seed: int) -> dict:
     """The full description that the cache key hashes; every default is spelled out."""
@@ -120,6 +150,8 @@ def entry_config(info: ModelInfo, pre, pool: str, token_pool: str, dtype: str, d
         "pooling": {"pool": pool, "token_pool": token_pool},
         "dtype": dtype,
         "precision": device.precision,
+        "device": device_numerics(device),
+        "code": code_versions(),
         "dataset": dataset,
     }
 
@@ -151,6 +183,7 @@ def extract(
     force: bool = False,
     progress: bool = True,
     shard_rows: int | None = None,
+    hash_content: bool = False,
 ) -> FeatureEntry:
     """Extract pooled activations of ``layers`` of ``model`` over ``dataset`` into the cache.
 
@@ -159,7 +192,8 @@ def extract(
     """
     check_pool(pool, token_pool)
     _check_options(dtype, batch_size, workers, shard_rows)
-    source = dataset if isinstance(dataset, ImageSource) else open_dataset(dataset, data_root, download)
+    source = dataset if isinstance(dataset, ImageSource) else open_dataset(dataset, data_root, download,
+                                                                            hash_content=hash_content)
     source = stratified_limit(source, limit, seed)
     if len(source) == 0:
         raise UsageError("The dataset has no samples.")
@@ -191,8 +225,25 @@ def extract(
 
 def _extract_in_group(group: ProcessGroup, store: CacheStore, key: str, config: dict, layers, model_name: str,
                       work: tuple) -> FeatureEntry:
-    """Rank 0 decides under the entry's lock (hit, or which entry to extend); every rank computes."""
-    with store.lock(key) if group.is_main else contextlib.nullcontext():
+    """Rank 0 decides under the entry's lock (hit, or which entry to extend); every rank computes.
+
+    First every rank checks that all agree on the key and share the cache directory: a rank
+    with another key would write shards of another entry, found out only at assembly."""
+    group.agree("cache key", key, config)
+    group.check_shared_dir(store.root)
+    try:
+        return _decide_and_build(group, store, key, config, layers, model_name, work)
+    finally:
+        group.close_session()
+
+
+def _decide_and_build(group: ProcessGroup, store: CacheStore, key: str, config: dict, layers, model_name: str,
+                      work: tuple) -> FeatureEntry:
+    with contextlib.ExitStack() as held:
+        if group.is_main:
+            with group.beating():  # another process may hold the lock for a while
+                held.enter_context(store.lock(key))
+
         def decide():
             hit = _cached(store, key, layers, model_name)
             if hit is not None:
@@ -274,6 +325,7 @@ def _build(store, key, config, base, source, info, pre, layers, pool, token_pool
         run = store.partial(key, plan)
         done = set(run.done())
     else:  # rank 0 opens the partial run first (it may discard one of another plan); then the others
+        group.agree("extraction plan", plan, plan)
         done = set(group.on_main(lambda: store.partial(key, plan).done()))
         run = store.partial(key, plan)
     stats = RunStats(forward_pass=True, layers_added=[layer.name for layer in todo], estimated_bytes=estimate)
@@ -291,12 +343,14 @@ def _build(store, key, config, base, source, info, pre, layers, pool, token_pool
             alone = group is None
             _forward_pass(net, todo, rules, source, pre, dev, run, mine, bs, workers, dtype, strict,
                           progress=progress and (alone or group.is_main), total=n if alone else total,
-                          initial=stats.resumed_rows if alone else 0, cores=None if alone else group.cpu_cores())
+                          initial=stats.resumed_rows if alone else 0, cores=None if alone else group.cpu_cores(),
+                          beat=None if alone else group.beat)
     except BaseException as exc:
         if group is None:
             raise
         error = exc
     if group is not None:
+        group.wait_for_peers()  # bounded: a hung peer ends the wait with an error
         group.raise_any(error)  # every rank stops when one failed; the shards written are kept
     stats.seconds = time.perf_counter() - t0
     stats.images = total
@@ -365,7 +419,9 @@ class _ShardWriter:
 
 
 def _forward_pass(net, layers: list[Layer], rules, source, pre, dev: Device, run, shards, bs, workers,
-                  dtype, strict, progress, total, initial, cores=None):
+                  dtype, strict, progress, total, initial, cores=None, beat=None):
+    """Decode, run and pool every batch of ``shards``; ``beat()`` after each batch tells waiting
+    ranks that this one is alive. A file that cannot be read (ImageReadError) stops the pass."""
 
     n_workers = default_workers(dev, source, cores) if workers is None else workers
     previous_threads = torch.get_num_threads()
@@ -422,6 +478,8 @@ def _forward_pass(net, layers: list[Layer], rules, source, pre, dev: Device, run
                 errs += list(reasons)
                 filled += rows
                 bar.update(rows)
+                if beat is not None:
+                    beat()
                 if start + filled == stop:
                     writer.put(current, {k: np.concatenate(v) for k, v in buffers.items()},
                                np.concatenate(oks), errs)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .._fileio import atomic_write_bytes
+from .._resultdir import FINETUNE, claim
 from ..cache.key import canonical_json, config_key
-from ..cache.partial import atomic_write_bytes
 from ..errors import FeatxError, UsageError
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ def fingerprint(config: dict) -> str:
 
 
 def save_checkpoint(directory: Path, state: dict) -> Path:
-    path = Path(directory) / CHECKPOINT_FILE
+    """Atomically rewrite the checkpoint of a fine-tuning folder (refusing any other folder)."""
+    path = claim(directory, FINETUNE) / CHECKPOINT_FILE
     atomic_write_bytes(path, lambda fh: torch.save({"format": CHECKPOINT_FORMAT, **state}, fh))
     return path
 

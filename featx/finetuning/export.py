@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._fileio import atomic_write_bytes
+from .._resultdir import FINETUNE, claim
 from ..backbones.ladder import Layer
 from ..backbones.weights import check_and_load, read_state_dict
 from ..cache.key import file_digest
-from ..cache.partial import atomic_write_bytes
 from ..data.transforms import Preprocessing
 from ..errors import UsageError, WeightsMismatchError
 from .model import FinetuneNet, prune_after
@@ -50,8 +51,9 @@ def model_description(base_name: str, base_source: str, base_arch: str, base_ide
 
 
 def save_finetuned(directory: Path, net: FinetuneNet, description: dict) -> dict[str, Path]:
-    """Write ``model.pt`` then ``model.json`` (which records the weights' digest), both atomically."""
-    directory = Path(directory)
+    """Write ``model.pt`` then ``model.json`` (which records the weights' digest), both atomically,
+    into a missing, empty or fine-tuning folder (never into a folder of other files)."""
+    directory = claim(directory, FINETUNE)
     weights = directory / MODEL_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_write_bytes(weights, lambda fh: torch.save(state, fh))

@@ -202,6 +202,8 @@ def _splits(source: ImageSource, usable: np.ndarray, test_seed: int, test_fracti
     rows = np.flatnonzero(usable)
     s = assign_splits(labels[rows], np.asarray(source.splits)[rows], test_seed, test_fraction)
     train, test = rows[s.train], rows[s.test]
+    if len(s.val):  # the dataset's own validation split, as in the probe
+        return train, rows[s.val], test, s.test_source
     fit, val = _validation_split(labels[train], seed, val_fraction)
     return train[fit], train[val], test, s.test_source
 
@@ -263,7 +265,8 @@ def _model_from_config(model_config: dict, checkpoint) -> ModelInfo:
 
 
 def _source_from_config(dataset_config: dict, data_root, download: bool) -> ImageSource:
-    source = open_dataset(dataset_config["source"], data_root, download)
+    source = open_dataset(dataset_config.get("location") or dataset_config["source"], data_root, download,
+                          hash_content=dataset_config.get("content_mode") == "sha256")
     limit = dataset_config.get("limit")
     if limit:
         source = stratified_limit(source, int(limit["n"]), int(limit["seed"]))

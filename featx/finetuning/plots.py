@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from ..cache.partial import atomic_write_bytes
+from .._fileio import atomic_write_bytes
 
 
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..cache.partial import atomic_write_bytes
+from .._fileio import atomic_write_bytes
 from ..report.outputs import strict
 
 

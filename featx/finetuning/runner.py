@@ -3,8 +3,9 @@
 An output directory belongs to one configuration, identified by the fingerprint of
 everything that determines the result. Rerunning the same call resumes an interrupted run
 from its last complete epoch, or returns a finished one from disk; a directory holding
-another configuration's run is never resumed and never overwritten. Every option is checked
-before anything is written.
+another configuration's run is never resumed and never overwritten, and a folder holding
+anything but fine-tuning runs (user files, a probe result) is refused untouched. Every option
+is checked before anything is written.
 
 Outputs (each written atomically; ``finetune.json`` last, so it marks a complete run):
 ``model.pt`` + ``model.json`` (the network, rebuildable as ``finetuned:DIR``), ``curves.png``,
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
+from .._resultdir import FINETUNE, SWEEP, check_target, claim
 from .._runtime import Device, resolve_device
 from ..cache.key import canonical_json
 from ..data.sources import ImageSource
@@ -113,6 +115,7 @@ def run_one(plan: Plan, opts: TrainOptions, device: Device, *, out_dir=None, res
     key = fingerprint(config)
     out = Path(out_dir) if out_dir is not None else default_out_dir(plan, opts.head_init, key)
 
+    check_target(out, FINETUNE, replace=False)
     finished = _finished(out, config, resume)
     if finished is not None:
         return finished
@@ -154,7 +157,7 @@ def _train(trainer: Trainer, out: Path, checkpoint: dict | None, config: dict, k
         trainer.load_state_dict(checkpoint)
         log.info("resuming %s after epoch %d of %d", out, trainer.epoch, trainer.opts.epochs)
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        claim(out, FINETUNE)  # checked again and marked before the first file is written
         trainer.validate_start()
     resumed_at = trainer.epoch
     while not trainer.done:
@@ -176,7 +179,7 @@ def _probe_comparison(plan: Plan, test: dict) -> dict | None:
 
 def _write_outputs(plan: Plan, opts: TrainOptions, trainer: Trainer, result: FinetuneResult) -> None:
     """model.pt + model.json, curves.png, then finetune.json (the mark of a complete run)."""
-    out = result.out_dir
+    out = claim(result.out_dir, FINETUNE)  # still ours at write time
     description = model_description(
         plan.model_name, plan.info.spec.source, plan.info.spec.arch, plan.info.identity, plan.pre.crop_size,
         plan.layer, plan.pooling, opts.dropout, plan.pre, plan.classes,
@@ -202,6 +205,7 @@ def run_sweep(plan: Plan, opts: TrainOptions, grid: dict, device: Device, *, out
                        "training": base.to_dict(), "grid": grid,
                        "device": {"type": device.torch_device.type, "precision": device.precision}})
     root = Path(out_dir) if out_dir is not None else default_out_dir(plan, opts.head_init, key, kind="sweep")
+    claim(root, SWEEP)
     rows, results = [], []
     for point in points:
         result = run_one(plan, opts.replace(**point), device, out_dir=root / "sweep" / point_label(point),
@@ -212,6 +216,7 @@ def run_sweep(plan: Plan, opts: TrainOptions, grid: dict, device: Device, *, out
                      "out_dir": str(result.out_dir)})
     table = format_table(rows, grid)
     chosen = rows.index(best_row(rows))
+    claim(root, SWEEP)
     write_json(root / SWEEP_FILE, {"grid": grid, "rows": rows, "chosen": rows[chosen], "table": table})
     best = results[chosen]
     best.sweep, best.sweep_table = rows, table
@@ -326,6 +331,8 @@ def finetune(
             raise UsageError("--resume applies to one run; a rerun of the same --sweep resumes each of its runs.")
         for point in grid_points(grid):
             opts.replace(**point).check()  # every grid point is valid before the first one trains
+    if out_dir is not None:
+        check_target(out_dir, SWEEP if grid else FINETUNE, replace=False)  # before loading data or models
     dev = resolve_device(device, precision)
     if results is not None:
         plan = plan_from_results(results, layer=layer, head_init=head_init, checkpoint=checkpoint,

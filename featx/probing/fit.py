@@ -1,6 +1,7 @@
 """One (layer, head) cell of the probe grid: select on validation data, refit, test once.
 
-The selection function receives the training rows only; it cannot see the test rows, so no
+The selection function receives the training rows (and the source's own validation rows,
+when it has them) only; it cannot see the test rows, so no
 hyper-parameter can depend on them. The test rows meet the refit model exactly once, in
 ``evaluate``.
 """
@@ -36,7 +37,7 @@ def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int) -> tuple[
 
     Ties go to the earlier grid entry (grids are ordered from the most regularised).
     """
-    grid = grid_for(head, len(y))
+    grid = feasible_grid(head, len(y), folds)
     if not grid:
         return {}, [], []
     totals = np.zeros(len(grid))
@@ -67,6 +68,13 @@ def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int) -> tuple[
     scores = list(totals[:stopped] / len(folds))
     best = int(np.argmax(scores))
     return dict(grid[best]), [float(s) for s in scores], sorted(notes)
+
+
+def feasible_grid(head: Head, n: int, folds) -> list[dict]:
+    """The head's grid without neighbour counts larger than the smallest fitting set: with the
+    dataset's own validation split every training row fits, and a k above that cannot be refit."""
+    n_fit = min((len(fit) for fit, _ in folds), default=n)
+    return [p for p in grid_for(head, n) if p.get("n_neighbors", 0) <= n_fit]
 
 
 def _path_has_turned(scores: np.ndarray, patience: int = PATH_PATIENCE) -> bool:
@@ -128,12 +136,18 @@ def evaluate(model, X_test: np.ndarray, y_test: np.ndarray, n_classes: int, seed
 
 
 def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
-             folds, n_classes: int, seed: int, keep_model: bool = True, blas_threads: int = 1) -> CellResult:
-    """Select, refit on all training rows, test once. Runs inside a joblib worker."""
+             folds, n_classes: int, seed: int, keep_model: bool = True, blas_threads: int = 1,
+             selection_rows: np.ndarray | None = None) -> CellResult:
+    """Select, refit on all training rows, test once. Runs inside a joblib worker.
+
+    ``folds`` index ``selection_rows`` (default: the training rows); with the source's own
+    validation split those are train followed by val, and the refit still uses ``train`` only.
+    """
     t0 = time.perf_counter()
+    selection_rows = train if selection_rows is None else selection_rows
     with threadpool_limits(limits=blas_threads):
         X_train, y_train = X[train], y[train]
-        params, grid_scores, notes = select(head, X_train, y_train, folds, seed)
+        params, grid_scores, notes = select(head, X[selection_rows], y[selection_rows], folds, seed)
         model = head.pipeline(len(train), seed, params)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
@@ -141,7 +155,7 @@ def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.nd
         notes = sorted(set(notes) | set(_convergence_notes(caught, params)))
         fit_seconds = time.perf_counter() - t0
         metrics, pred = evaluate(model, X[test], y[test], n_classes, seed)
-    grid = grid_for(head, len(train))
+    grid = feasible_grid(head, len(selection_rows), folds)  # the grid select() walked
     row = {
         **layer, "head": head.name, "params": _plain(params),
         "val_top1": max(grid_scores) if grid_scores else None,

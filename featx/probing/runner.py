@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import __version__
 from .._progress import progress_bar
+from .._resultdir import PROBE, check_target
 from .._runtime import available_cores
 from ..backbones.ladder import Ladder, Layer
 from ..cache.entry import FeatureEntry
@@ -27,7 +28,7 @@ from ..cache.store import CacheStore
 from ..errors import DataError, UnknownLayerError, UsageError
 from .fit import CellResult, run_cell
 from .heads import resolve_heads
-from .protocol import VALIDATION_FRACTION, Splits, assign_splits, validation_folds
+from .protocol import VALIDATION_FRACTION, Splits, assign_splits, check_split_sizes, selection_folds, selection_method
 from .stream import stream_cell
 
 log = logging.getLogger(__name__)
@@ -128,14 +129,19 @@ def probe(
         raise UsageError(f"--jobs must be a positive integer or -1 (all cores), got {jobs!r}.")
     store = CacheStore(cache_dir)
     entry = store.resolve(entry)
+    target = None if out_dir is False else Path(out_dir) if out_dir else Path("featx-results") / entry.path.stem
+    if target is not None:
+        check_target(target, PROBE)  # refuse a folder featx may not replace before any fitting
     head_list = resolve_heads(heads)
     records = _pick_layers(entry, layers)
 
     s = entry.samples()
     ok = s["ok"]
     y, split_names, ids = s["label"][ok], s["split"][ok], s["id"][ok]
+    check_split_sizes(y, split_names, seed=seed, class_names=entry.classes,
+                      hint=f"The entry holds {len(y)} readable images; extract more (a larger --limit).")
     splits = assign_splits(y, split_names, seed)
-    folds = validation_folds(y[splits.train], cv, seed)
+    folds = selection_folds(splits, y, cv, seed)
     n_classes = len(entry.classes)
     jobs = available_cores() if jobs in (None, -1) else jobs
     budget = _memory_budget() if memory_budget is None else int(memory_budget)
@@ -155,9 +161,11 @@ def probe(
     rows = [c.row for c in cells]
     best_cell = max(cells, key=lambda c: _val(c.row))  # max() keeps the first of equals: shallower, earlier head
     protocol = {
-        "selection": f"{cv}-fold cross-validation" if cv else "stratified hold-out",
-        "cv": cv, "validation_fraction": None if cv else VALIDATION_FRACTION, "seed": seed,
-        "splits": splits.describe(), "bootstrap": "95% percentile interval, 1000 resamples",
+        "selection": selection_method(splits, cv),
+        "cv": None if len(splits.val) else cv,
+        "validation_fraction": None if cv or len(splits.val) else VALIDATION_FRACTION, "seed": seed,
+        "splits": splits.describe(), "roles": splits.roles(split_names, folds),
+        "bootstrap": "95% percentile interval, 1000 resamples",
         "heads": {h.name: h.description for h in head_list}, "jobs": jobs, "backend": backend,
         "ranking": "validation accuracy (the test split never influences selection)",
     }
@@ -179,7 +187,6 @@ def probe(
             best_cell.model = head.pipeline(len(splits.train), seed, best_cell.row["params"]).fit(
                 X[splits.train], y[splits.train])
 
-        target = Path(out_dir) if out_dir else Path("featx-results") / entry.path.stem
         write_results(results, target, cells, best_cell, entry, ids, y, splits, plots=plots)
     return results
 
@@ -220,7 +227,7 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
                     "pool": r.pool}
             for head in heads:
                 yield delayed(run_cell)(meta, head, X, y, splits.train, splits.test, folds, n_classes, seed,
-                                        keep_model=head.name != "knn")
+                                        keep_model=head.name != "knn", selection_rows=splits.selection_rows)
 
     total = len(records) * len(heads)
     bar = progress_bar(total=total, unit="cell", desc="probe", disable=not progress)

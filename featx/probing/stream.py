@@ -81,8 +81,8 @@ def stream_cell(entry, record, heads, ok, y, splits: Splits, folds, n_classes, s
     test_mask[splits.test] = True
     fit_idx, val_idx = folds[0]
     fit_mask, val_mask = np.zeros(n, bool), np.zeros(n, bool)
-    fit_mask[splits.train[fit_idx]] = True
-    val_mask[splits.train[val_idx]] = True
+    fit_mask[splits.selection_rows[fit_idx]] = True  # folds index train (then the source's val rows)
+    val_mask[splits.selection_rows[val_idx]] = True
     classes = np.unique(y[splits.train])
 
     out = []

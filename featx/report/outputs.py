@@ -1,7 +1,8 @@
-"""Result files of a probe, written into a temporary folder and moved into place at once.
+"""Result files of a probe, written into a temporary folder and swapped into place at once.
 
-A probe that fails half-way leaves nothing behind, and an earlier result folder is only
-replaced by a complete new one.
+A probe that fails half-way leaves nothing behind, an earlier result folder is only replaced
+by a complete new one (never leaving a moment without one), and a folder that holds anything
+but a probe result is refused untouched (see ``featx._resultdir``).
 """
 
 from __future__ import annotations
@@ -9,13 +10,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
+from .._resultdir import PROBE, staged
 
 CSV_COLUMNS = ["layer", "index", "depth", "width", "pool", "head", "params", "val_top1", "test_top1",
                "test_top1_ci_low", "test_top1_ci_high", "test_top5", "balanced_accuracy", "macro_f1",
@@ -57,6 +57,7 @@ def write_csv(path: Path, rows: list[dict], best: dict) -> None:
 
 
 def write_results(results, target: Path, cells, best_cell, entry, ids, y, splits, plots: bool = True) -> None:
+    """Every output file of a probe into ``target``, which is replaced whole or not at all."""
     import joblib
     import sklearn
 
@@ -64,12 +65,8 @@ def write_results(results, target: Path, cells, best_cell, entry, ids, y, splits
     from .plots import ConfusionDisplay, LayerCurveDisplay
 
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     files = {"json": "results.json", "csv": "results.csv"}
-    try:
+    with staged(target, PROBE) as tmp:
         best = best_cell.row
         test_ids = [str(i) for i in ids[splits.test]]
         joblib.dump(best_cell.model, tmp / "best_head.joblib")
@@ -100,13 +97,4 @@ def write_results(results, target: Path, cells, best_cell, entry, ids, y, splits
         results.files = files
         write_csv(tmp / "results.csv", results.rows, best)
         write_json(tmp / "results.json", results.to_dict())
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     results.out_dir = target
