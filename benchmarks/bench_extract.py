@@ -36,7 +36,7 @@ def bare_forward(n: int, image_size: int, batch_size: int | None = None, workers
     from featx import _runtime
     from featx.backbones.registry import build_model, describe_model, parse_model
     from featx.data import ImageDataset
-    from featx.extraction.runner import default_batch_size, default_workers
+    from featx.extraction.plan import default_batch_size
 
     source = _source(n)
     t0 = time.perf_counter()
@@ -45,7 +45,7 @@ def bare_forward(n: int, image_size: int, batch_size: int | None = None, workers
     pre = info.preprocessing.override(image_size)
     net = build_model(info, image_size=pre.crop_size).eval()
     bs = batch_size or default_batch_size(dev, pre.crop_size)
-    n_workers = default_workers(dev, source) if workers is None else workers
+    n_workers = _runtime.default_workers(dev, source.in_memory) if workers is None else workers
     if malloc:
         _runtime.tune_malloc()
     _runtime.configure_threads(threads or _runtime.plan_cpu_threads(n_workers))

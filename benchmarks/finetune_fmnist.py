@@ -100,13 +100,13 @@ def main(argv=None) -> None:
                           out_dir=workdir / f"finetune-{head_init}-{args.epochs}ep", cache_dir=args.cache_dir,
                           progress=not args.no_progress)
         report["runs"][head_init] = _run_summary(result, time.perf_counter() - t0)
-        print(f"{head_init}: test top-1 {result.test['top1']:.4f} "
-              f"(95% CI {result.test['top1_ci95'][0]:.4f}-{result.test['top1_ci95'][1]:.4f}), "
+        print(f"{head_init}: test top-1 {result.test['test_top1']:.4f} "
+              f"(95% CI {result.test['test_top1_ci'][0]:.4f}-{result.test['test_top1_ci'][1]:.4f}), "
               f"{result.train_seconds / 60:.1f} min of training", file=sys.stderr, flush=True)
     runs = report["runs"]
-    report["reached_target"] = {k: v["test"]["top1"] >= TARGET for k, v in runs.items()}
+    report["reached_target"] = {k: v["test"]["test_top1"] >= TARGET for k, v in runs.items()}
     if "lpft" in runs and "random" in runs:
-        report["lpft_minus_random_top1"] = runs["lpft"]["test"]["top1"] - runs["random"]["test"]["top1"]
+        report["lpft_minus_random_top1"] = runs["lpft"]["test"]["test_top1"] - runs["random"]["test"]["test_top1"]
     report["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")

@@ -84,7 +84,14 @@ def probe_suite(quick: bool) -> dict:
     }
 
 
-SUITES = {"extract": extract_suite, "probe": probe_suite}
+def startup_suite(quick: bool) -> dict:
+    from . import bench_startup as b
+
+    baseline = os.environ.get("FEATX_BENCH_BASELINE", "HEAD")  # a git revision to compare this tree with
+    return {"cache_ls": lambda: b.case_cache_ls(baseline, 3 if quick else 5)}
+
+
+SUITES = {"extract": extract_suite, "probe": probe_suite, "startup": startup_suite}
 
 
 def main(argv=None) -> None:

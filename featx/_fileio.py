@@ -6,8 +6,12 @@ code; the temporary name (``.NAME.PID.tmp``) is recognised by the result-folder 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
+
+import numpy as np
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,3 +41,26 @@ def atomic_write_bytes(path: Path, write) -> None:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def strict(obj):
+    """JSON-safe copy: NaN and infinities become null, numpy scalars plain numbers."""
+    if isinstance(obj, dict):
+        return {str(k): strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return strict(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (no NaN tokens, which other readers reject), written atomically."""
+    text = json.dumps(strict(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(Path(path), lambda fh: fh.write(text.encode()))

@@ -9,16 +9,19 @@ fast settings without having to know about them; ``FEATX_MALLOC_TUNING=0`` opts 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 import sys
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
+
+if TYPE_CHECKING:  # torch is imported on first use, so that probe workers never load it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +80,15 @@ class Device:
         """Name of the compute precision; part of the cache key because it changes features."""
         if self.autocast_dtype is None:
             return "float32"
+        import torch
+
         return {torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.autocast_dtype]
 
 
 def resolve_device(spec: str = "auto", precision: str = "auto") -> Device:
     """Turn ``auto|cpu|cuda|cuda:N`` and ``auto|float32|bfloat16|float16`` into a Device."""
+    import torch
+
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,9 +135,43 @@ def plan_cpu_threads(workers: int, cores: int | None = None) -> int:
 
 def configure_threads(threads: int) -> None:
     """Set torch's intra-op pool; inter-op work is not used by a plain forward pass."""
+    import torch
+
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already initialised by an earlier parallel call
         pass
+
+
+# ------------------------------------------------------------------ CPU settings shared by extraction and fine-tuning
+
+
+def default_workers(device: Device, in_memory: bool, cores: int | None = None) -> int:
+    """DataLoader decoding processes. In-memory images cost ~0.1 ms each: decoding them inline
+    beats a worker that competes with the compute threads for the same cores (benchmarks/)."""
+    cores = cores or available_cores()
+    if device.is_cuda:
+        return max(1, min(8, cores - 1))
+    if in_memory or cores < 2:
+        return 0
+    return 1 if cores <= 4 else min(4, cores // 4)
+
+
+@contextlib.contextmanager
+def cpu_settings(device: Device, workers: int, cores: int | None = None):
+    """On CPU: intra-op threads that fit beside ``workers`` loader processes on ``cores``, and
+    glibc's allocator tuned; the previous thread count is restored afterwards. CUDA: untouched."""
+    if device.is_cuda:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    tune_malloc()
+    configure_threads(plan_cpu_threads(workers, cores))
+    try:
+        yield
+    finally:
+        configure_threads(previous)

@@ -10,11 +10,12 @@ import os
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_getattr
-from .backbones.ladder import Ladder, trace_ladder
+from .backbones.ladder import trace_ladder
 from .backbones.registry import DEFAULT_MODEL, ModelListing, build_model, describe_model, list_models, parse_model
 from .cache.entry import FeatureEntry, Features
 from .cache.store import CacheStore
 from .extraction import extract
+from .layer import Ladder
 
 if TYPE_CHECKING:  # imported on first use, see __getattr__
     from .finetuning import finetune

@@ -408,15 +408,17 @@ def _print_finetune(result) -> None:
     if result.sweep_table:
         out.print(result.sweep_table)
     t = result.test
-    lo, hi = t["top1_ci95"]
+    lo, hi = t["test_top1_ci"]
     status = "found finished on disk" if result.reused else f"{result.train_seconds:.0f} s of training"
-    out.print(f"fine-tuned after {result.layer} ({result.head_init} head): test top-1 {t['top1']:.4f} "
+    out.print(f"fine-tuned after {result.layer} ({result.head_init} head): test top-1 {t['test_top1']:.4f} "
               f"(95% CI {lo:.4f}-{hi:.4f}), best epoch {result.best_epoch} by validation "
               f"({result.best_val_top1:.4f}); {status}")
     probe = result.probe or {}
     if probe.get("logreg_test_top1") is not None:
-        out.print(f"probe (logreg) at the same layer: test top-1 {probe['logreg_test_top1']:.4f}; fine-tuning "
-                  f"changed it by {probe['delta_top1_vs_logreg']:+.4f}")
+        delta = probe.get("delta_top1_vs_logreg")
+        change = (f"fine-tuning changed it by {delta:+.4f}" if delta is not None
+                  else "not compared: the two stages scored different numbers of test images")
+        out.print(f"probe (logreg) at the same layer: test top-1 {probe['logreg_test_top1']:.4f}; {change}")
     out.print(f"wrote {result.out_dir}/  (re-extract its layers with --model finetuned:{result.out_dir})")
 
 
@@ -431,15 +433,11 @@ def layers_cmd(
 ) -> None:
     """Print the layer ladder of MODEL: index, name, relative depth, raw shape, pooled width."""
     from .api import layers as get_layers
-    from .backbones.pooling import check_pool, layer_rule, pooled_width
+    from .layer import check_pool
 
     check_pool(pool, token_pool)
     ladder = get_layers(model, image_size=image_size, arch=arch)
-    rows = []
-    for layer in ladder.layers:
-        rule = layer_rule(layer.kind, layer.has_cls, pool, token_pool)
-        rows.append({**layer.to_dict(), "pool": rule, "width": pooled_width(layer.raw_shape, layer.kind, rule),
-                     "auto": layer.name in ladder.auto})
+    rows = [{**layer.pooled(pool, token_pool).to_dict(), "auto": layer.name in ladder.auto} for layer in ladder.layers]
     if as_json:
         out.print_json(json.dumps({"model": model, "input_size": ladder.input_size, "layers": rows}))
         return

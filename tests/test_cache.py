@@ -33,6 +33,8 @@ def test_canonical_json_ignores_key_order_and_keeps_defaults():
     assert config_key(other) != config_key(CONFIG)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("hashseed", ["0", "1", "12345"])
 def test_cache_key_is_stable_across_processes(hashseed):
     code = ("import json, sys; from featx.cache.key import config_key; "
@@ -42,6 +44,8 @@ def test_cache_key_is_stable_across_processes(hashseed):
     assert res.stdout.strip() == config_key(CONFIG)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_end_to_end_key_is_stable_across_processes(image_folder, cache_dir):
     """The key of a real extraction (model, preprocessing, dataset fingerprint) in fresh processes."""
     entry = featx.extract(f"folder:{image_folder}", **TINY)
@@ -103,6 +107,8 @@ featx.extract(sys.argv[1], model="timm:resnet18", weights="none", image_size=48,
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     root = make_folder(tmp_path / "big", n_per_class=60, splits=None, size=48)
     src = f"folder:{root}"
@@ -143,6 +149,8 @@ print(json.dumps({"key": e.key, "forward": e.last_run.forward_pass}))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_processes_build_one_entry_once(tmp_path, cache_dir):
     src = f"folder:{make_folder(tmp_path / 'c', n_per_class=40, splits=None, size=48)}"
     env = {**os.environ, "FEATX_CACHE_DIR": str(cache_dir)}

@@ -68,6 +68,7 @@ def _outside_copy(entry_path: Path, tmp_path: Path, damage: bool) -> Path:
     return outside
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_cache_info_never_moves_a_foreign_hdf5_file(tmp_path, cache_dir):
     other = tmp_path / "some" / "other" / "file.h5"
@@ -274,6 +275,7 @@ def test_non_entry_names_give_a_clear_error_not_a_recursion(entry, tmp_path, cac
     assert (cache_dir / "quarantine" / "old.h5").is_file()
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_cli_non_entry_name_exits_2(tmp_path, cache_dir):
     (cache_dir / "quarantine").mkdir(parents=True)

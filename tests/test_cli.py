@@ -16,6 +16,8 @@ def _ok(res):
     return res
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_extract_then_cache_hit_then_ls_info_rm(tmp_path):
     root = make_folder(tmp_path / "imgs", n_per_class=3)
     first = _ok(run_cli("extract", f"folder:{root}", *TINY_ARGS))
@@ -34,6 +36,8 @@ def test_extract_then_cache_hit_then_ls_info_rm(tmp_path):
     assert "No entries" in _ok(run_cli("cache", "ls")).stdout
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_layers_and_models_commands():
     res = _ok(run_cli("layers", "torchvision:resnet18", "--image-size", "64"))
     assert "layer4" in res.stdout and "pre_logits" in res.stdout and "512" in res.stdout
@@ -82,11 +86,15 @@ def test_bad_input_gets_a_message_and_an_exit_code(capsys, args, code, message):
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bad_input_exit_code_in_a_real_process():
     res = run_cli("extract", "digits", "--model", "torchvision:resnet5")
     assert res.returncode == 2 and "Did you mean 'resnet50'" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_missing_dataset_is_a_runtime_error_with_instructions(tmp_path):
     res = run_cli("extract", "fashion-mnist", "--no-download", *TINY_ARGS,
                   env={"FEATX_DATA": str(tmp_path / "none")}) if not _debian_fmnist() else None
@@ -102,6 +110,8 @@ def _debian_fmnist():
     return (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_strict_bad_image_exits_1_with_the_path(tmp_path):
     root = make_folder(tmp_path / "imgs", n_per_class=2, splits=None)
     (root / "owl" / "zero.png").write_bytes(b"")
@@ -111,12 +121,16 @@ def test_strict_bad_image_exits_1_with_the_path(tmp_path):
     assert "1 image(s) could not be read" in lenient.stderr and "owl/zero.png" in lenient.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_help_and_version():
     assert "extract" in _ok(run_cli("--help")).stdout
     assert _ok(run_cli("--version")).stdout.startswith("featx ")
     assert run_cli().returncode == 2  # no command: usage
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_probe_command_on_an_entry_and_on_a_dataset(tmp_path):
     root = make_folder(tmp_path / "imgs", n_per_class=8)
     res = _ok(run_cli("probe", f"folder:{root}", *TINY_ARGS, "--heads", "logreg,knn", "--jobs", "1",

@@ -14,6 +14,8 @@ import featx
 
 from .conftest import TINY, make_folder
 
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # torchrun starts three processes
+
 RANK_SCRIPT = """
 import json, os, sys
 import featx

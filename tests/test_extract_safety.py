@@ -63,6 +63,8 @@ def test_io_error_fails_the_run_and_is_never_cached_as_a_bad_image(tmp_path, mon
     assert entry.samples()["ok"].all() and dict(entry.errors()) == {}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_io_error_in_a_dataloader_worker_is_raised_with_a_clean_message(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "f", n_per_class=2, splits=None)
     _failing_open(monkeypatch, "dog/img001.png", errno.EIO)  # forked workers inherit the fault
@@ -81,6 +83,8 @@ def test_a_transient_io_error_is_retried_and_the_image_is_read(tmp_path, monkeyp
     assert len(calls) == 3 and entry.samples()["ok"].all()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_io_error_through_the_cli_exits_1_naming_the_file(tmp_path):
     root = make_folder(tmp_path / "f", n_per_class=2, splits=None)
     code = (
@@ -255,7 +259,7 @@ def test_image_read_error_is_a_featx_error():
 
 def _config(device):
     from featx.backbones.registry import describe_model, parse_model
-    from featx.extraction.runner import entry_config
+    from featx.extraction.plan import entry_config
 
     info = describe_model(parse_model("efficientnet_lite0"))  # pretrained: no versions in its identity
     src = open_dataset("digits")
@@ -270,6 +274,7 @@ def _device(spec):
     return Device(torch.device(spec), None)
 
 
+@pytest.mark.slow
 def test_key_names_the_device_type_but_not_its_index():
     from featx.cache.key import config_key
 
@@ -279,6 +284,7 @@ def test_key_names_the_device_type_but_not_its_index():
     assert config_key(cuda0) == config_key(cuda1)
 
 
+@pytest.mark.slow
 def test_key_changes_with_tf32_on_cuda(monkeypatch):
     import torch
 
@@ -291,7 +297,8 @@ def test_key_changes_with_tf32_on_cuda(monkeypatch):
     assert after["device"]["tf32"]["matmul"] is True and config_key(after) != before
 
 
-@pytest.mark.parametrize("module", ["featx.extraction.runner.__version__", "timm.__version__",
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["featx.extraction.plan.__version__", "timm.__version__",
                                     "torchvision.__version__", "torch.__version__"])
 def test_key_changes_with_the_versions_of_the_code_that_defines_the_features(monkeypatch, module):
     from featx.cache.key import config_key

@@ -151,9 +151,9 @@ def test_lpft_run_starts_from_the_probe_and_compares_with_it(probe, tmp_path):
     saved = json.loads((tmp_path / "lpft" / "finetune.json").read_text())
     probe_top1 = json.loads((results / "results.json").read_text())["best"]["test_top1"]
     assert saved["probe"]["logreg_test_top1"] == probe_top1
-    assert saved["probe"]["delta_top1_vs_logreg"] == pytest.approx(saved["test"]["top1"] - probe_top1)
-    lo, hi = saved["test"]["top1_ci95"]
-    assert lo <= saved["test"]["top1"] <= hi
+    assert saved["probe"]["delta_top1_vs_logreg"] == pytest.approx(saved["test"]["test_top1"] - probe_top1)
+    lo, hi = saved["test"]["test_top1_ci"]
+    assert lo <= saved["test"]["test_top1"] <= hi
     assert {"curves.png", "model.pt", "model.json", "finetune.json"} <= set(os.listdir(tmp_path / "lpft"))
     assert not (tmp_path / "lpft" / "checkpoint.pt").exists()
     # batch norm keeps its running statistics (the default for pretrained weights): training sees
@@ -227,6 +227,8 @@ finetune("folder:{images}", out_dir="{out}", layer="layer3", epochs=4, patience=
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_killed_run_resumes_to_bit_identical_weights(images, tmp_path):
     options = dict(layer="layer3", epochs=4, patience=None, **TINY_FT)
     killed = tmp_path / "killed"
@@ -277,7 +279,7 @@ def test_sweep_runs_the_grid_and_tabulates_validation_and_test(images, tmp_path)
         assert run["config"]["training"]["lr"] == row["lr"]
         vals = [h["val_top1"] for h in run["history"][1:]]
         assert row["best_epoch"] == 1 + vals.index(max(vals)) and row["val_top1"] == max(vals)
-        assert row["test_top1"] == run["test"]["top1"]
+        assert row["test_top1"] == run["test"]["test_top1"]
     best = max(r.sweep, key=lambda row: row["val_top1"])
     assert r.best_val_top1 == best["val_top1"] and str(r.out_dir) == best["out_dir"]
     lines = r.sweep_table.splitlines()

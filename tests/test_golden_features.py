@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden_features.json"
@@ -106,6 +107,7 @@ def regenerate() -> None:
     print(f"wrote golden features for FORMAT_VERSION {FORMAT_VERSION} to {GOLDEN}")
 
 
+@pytest.mark.slow
 def test_features_match_the_golden_values_of_this_format_version():
     import pytest
 

@@ -138,6 +138,8 @@ def test_large_layers_stream_through_sgd(entry):
     assert row["test_top1"] >= in_memory.rows[0]["test_top1"] - 0.05 and row["test_top1"] > 0.8
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_dask_backend_on_a_loopback_cluster(entry):
     distributed = pytest.importorskip("dask.distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",

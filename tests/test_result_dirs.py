@@ -65,6 +65,7 @@ def finetune_run(tmp_path_factory, images):
 # ------------------------------------------------------------------------------ the reported defect
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # a subprocess
 def test_probe_cli_refuses_a_folder_of_user_files_before_extracting(tmp_path, images):
     folder = notes(tmp_path / "my-notes")
@@ -155,6 +156,7 @@ def test_a_write_failing_midway_keeps_the_old_result(entry, tmp_path, monkeypatc
     assert hidden_siblings(out) == []
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # a subprocess
 def test_a_write_killed_midway_keeps_the_old_result_and_the_next_write_cleans_up(tmp_path):
     target = tmp_path / "res"
@@ -219,6 +221,7 @@ print(missing, looks)
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # a watcher subprocess
 @pytest.mark.parametrize("swap", ["exchange", "two renames"])
 def test_the_target_is_never_missing_while_results_are_replaced(tmp_path, monkeypatch, swap):
@@ -285,6 +288,7 @@ def test_finetune_refuses_user_files_and_a_probe_result_and_deletes_nothing(imag
     assert snapshot(result) == before
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # a subprocess
 def test_finetune_cli_refuses_user_files_before_training(tmp_path, images):
     folder = notes(tmp_path / "my-notes")

@@ -9,21 +9,25 @@ output is its last block's output is named instead of that block (``layer1`` rat
 
 Relative depth is the share of the network's leaf modules that have run when the layer's
 output exists: 1.0 for ``pre_logits``, comparable across families.
+
+The records (:class:`~featx.layer.Layer`, :class:`~featx.layer.Ladder`) and the selection
+grammar live in the torch-free ``featx.layer``; this module only traces.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UnknownLayerError, UsageError, close_matches
+from ..errors import UsageError
+from ..layer import PRE_LOGITS, Ladder, Layer
 
-PRE_LOGITS = "pre_logits"
+__all__ = ["LADDER_ROOTS", "PRE_LOGITS", "Ladder", "Layer", "block_names", "find_classifier", "trace_ladder"]
+
 _SEQUENCE_ATTRS = ("blocks", "layers", "stages")
 _SKIP_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten)
 _AUTO_TOKEN_BLOCKS = 6
@@ -31,146 +35,11 @@ _HEAD_NAMES = ("classifier", "head", "heads", "fc")
 #: a wrapper module lists here the children that are whole networks (a fine-tuned model's
 #: ``backbone``): their blocks join the ladder as if they were the wrapper's own
 LADDER_ROOTS = "featx_ladder_roots"
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One tappable activation."""
-
-    name: str
-    index: int  # position in the model's ladder ("all"); -1 for a module outside it
-    depth: float  # relative depth in [0, 1]
-    raw_shape: tuple[int, ...]  # per image
-    kind: str  # map | map_nhwc | tokens | vector
-    module: str  # the hooked module ("" = the model itself)
-    hook: str = "output"  # output | input (pre_logits is the classifier's input)
-    order: int = 0  # execution order, for sorting and early stopping
-    prefix_tokens: int = 0
-    has_cls: bool = False
-    aliases: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["raw_shape"], d["aliases"] = list(self.raw_shape), list(self.aliases)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Layer:
-        d = dict(d)
-        d["raw_shape"], d["aliases"] = tuple(d["raw_shape"]), tuple(d.get("aliases", ()))
-        return cls(**d)
-
-
-@dataclass
-class Ladder:
-    """Every block of a network at one input size, plus the ``auto`` selection."""
-
-    layers: list[Layer]
-    auto: list[str]
-    input_size: int
-    extra: dict[str, Layer] = field(default_factory=dict)  # other modules, by name and alias
-
-    def to_dict(self) -> dict:
-        return {"input_size": self.input_size, "auto": list(self.auto),
-                "layers": [layer.to_dict() for layer in self.layers]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Ladder:
-        return cls([Layer.from_dict(x) for x in d["layers"]], list(d["auto"]), int(d["input_size"]))
-
-    def by_name(self) -> dict[str, Layer]:
-        table = dict(self.extra)
-        for layer in self.layers:
-            for alias in layer.aliases:
-                table[alias] = layer
-        for layer in self.layers:
-            table[layer.name] = layer
-        return table
-
-    def select(self, spec: str | list[str] | tuple[str, ...] | None, model_name: str = "MODEL",
-               extra_names: dict[str, Layer] | None = None) -> list[Layer]:
-        """Resolve ``auto``, ``all``, names, aliases, globs, indices and slices; shallow to deep."""
-        items = _split_spec(spec)
-        table = self.by_name()
-        if extra_names:
-            table.update(extra_names)
-        chosen: dict[str, Layer] = {}
-
-        def add(layer: Layer):
-            chosen.setdefault(layer.name, layer)
-
-        for item in items:
-            if item == "auto":
-                for name in self.auto:
-                    add(table[name])
-            elif item == "all":
-                for layer in self.layers:
-                    add(layer)
-            elif item in table:
-                add(table[item])
-            elif re.fullmatch(r"-?\d+", item):
-                i = int(item)
-                if not -len(self.layers) <= i < len(self.layers):
-                    raise UnknownLayerError(
-                        f"Layer index {i} is out of range: {model_name} has {len(self.layers)} layers "
-                        f"(indices 0..{len(self.layers) - 1} or -1..-{len(self.layers)}). "
-                        f"See them with: featx layers {model_name}"
-                    )
-                add(self.layers[i])
-            elif ":" in item:
-                picked = self.layers[_parse_slice(item, model_name)]
-                if not picked:
-                    raise UnknownLayerError(f"Layer slice {item!r} selects no layer of {model_name}.")
-                for layer in picked:
-                    add(layer)
-            elif any(c in item for c in "*?["):
-                # globs range over the ladder (names and aliases), not every inner module
-                hits = [layer.name for layer in self.layers
-                        if any(fnmatch.fnmatchcase(n, item) for n in (layer.name, *layer.aliases))]
-                if not hits:
-                    raise UnknownLayerError(
-                        f"Layer pattern {item!r} matches no layer of {model_name}. "
-                        f"See them with: featx layers {model_name}"
-                    )
-                for n in hits:
-                    add(table[n])
-            else:
-                near = close_matches(item, [layer.name for layer in self.layers] + list(table), n=5)
-                hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-                raise UnknownLayerError(
-                    f"Unknown layer {item!r} for {model_name}.{hint} Valid: auto, all, a name, a glob "
-                    f"(e.g. 'blocks.*'), an index (-1) or a slice (0:4). See them with: featx layers {model_name}"
-                )
-        return sorted(chosen.values(), key=lambda layer: layer.order)
-
-
-_SLICE = re.compile(r"(-?\d+)?:(-?\d+)?(?::(-?\d+)?)?")
-
-
-def _parse_slice(item: str, model_name: str) -> slice:
-    """``start:stop[:step]`` of ladder indices, as in Python; anything else is refused with the grammar."""
-    match = _SLICE.fullmatch(item.replace(" ", ""))
-    grammar = (f"A slice is start:stop or start:stop:step with integer parts that may be left out "
-               f"(0:4, -3:, ::2, 4:0:-1). See the indices with: featx layers {model_name}")
-    if match is None:
-        raise UnknownLayerError(f"Layer slice {item!r} is not valid. {grammar}")
-    start, stop, step = (int(g) if g else None for g in match.groups())
-    if step == 0:
-        raise UnknownLayerError(f"Layer slice {item!r} has step 0; the step must be a non-zero integer. {grammar}")
-    return slice(start, stop, step)
-
-
-def _split_spec(spec) -> list[str]:
-    if spec is None:
-        return ["auto"]
-    if isinstance(spec, str):
-        items = [s.strip() for s in spec.split(",")]
-    else:
-        items = [str(s).strip() for s in spec]
-    items = [s for s in items if s]
-    if not items:
-        raise UsageError("No layers requested; use auto, all, names, globs or indices.")
-    return items
+#: what a network says when an input is too small or of a size it was not built for
+_SIZE_COMPLAINT = re.compile(
+    r"size|shape|dimension|mat1 and mat2|height|width|kernel|padding|doesn't match|does not match",
+    re.IGNORECASE,
+)
 
 
 # ------------------------------------------------------------------------------ tracing
@@ -341,10 +210,12 @@ def trace_ladder(model: nn.Module, input_size: int, device: torch.device | str =
         rec = _Recorder(model)
         rec.run(x, classifier)
     except Exception as exc:
+        if not _rejects_input_size(exc):
+            raise  # a bug or an exhausted device: keep its type and traceback
         raise UsageError(
             f"The model does not accept {input_size}x{input_size} inputs ({type(exc).__name__}: {exc}). "
             "Choose another --image-size."
-        ) from None
+        ) from exc
     finally:
         model.train(was_training)
 
@@ -429,6 +300,17 @@ def trace_ladder(model: nn.Module, input_size: int, device: torch.device | str =
     return Ladder(layers, _auto(layers, composite), input_size, extra)
 
 
+def _rejects_input_size(exc: Exception) -> bool:
+    """Whether a failed forward pass says the input size is wrong (the user's choice), not that
+    the model or the machine failed (out of memory, a bug), which must keep its own error."""
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return False
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return False
+    return isinstance(exc, (RuntimeError, AssertionError, ValueError)) and bool(_SIZE_COMPLAINT.search(str(exc)))
+
+
 def _is_stage(model: nn.Module, child: str, parent: str) -> bool:
     """Whether ``parent`` is one stage of the network, so it may name its last block's output.
 
@@ -455,9 +337,7 @@ def _is_headless(model: nn.Module) -> bool:
 
 
 def _with_index(layer: Layer, i: int) -> Layer:
-    d = layer.to_dict()
-    d["index"] = i
-    return Layer.from_dict(d)
+    return replace(layer, index=i)
 
 
 def _has_parametrised_children(m: nn.Module) -> bool:

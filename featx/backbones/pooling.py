@@ -2,7 +2,8 @@
 
 Feature maps (N,C,H,W, or N,H,W,C for Swin-style models) use a spatial rule; token
 sequences (N,T,C) use a token rule that knows which leading tokens are class, register or
-distillation tokens; vectors pass through.
+distillation tokens; vectors pass through. Which rule applies to a layer, and the width it
+gives, are torch-free and live in ``featx.layer``.
 """
 
 from __future__ import annotations
@@ -10,48 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from ..layer import SPATIAL_POOLS, TOKEN_POOLS, check_pool, layer_rule, pooled_width
 
-SPATIAL_POOLS = ("avg", "max", "avgmax", "grid2", "grid3", "none")
-TOKEN_POOLS = ("auto", "cls", "mean", "cls+mean")
-
-
-def check_pool(pool: str, token_pool: str) -> None:
-    if pool not in SPATIAL_POOLS:
-        raise UsageError(f"Unknown pooling {pool!r}. Valid: {', '.join(SPATIAL_POOLS)}.")
-    if token_pool not in TOKEN_POOLS:
-        raise UsageError(f"Unknown token pooling {token_pool!r}. Valid: {', '.join(TOKEN_POOLS)}.")
-
-
-def layer_rule(kind: str, has_cls: bool, pool: str, token_pool: str) -> str:
-    """The rule actually applied to a layer of ``kind``; recorded with the layer in the cache."""
-    if kind == "vector":
-        return "identity"
-    if pool == "none":
-        return "none"
-    if kind == "tokens":
-        rule = token_pool
-        if rule == "auto":
-            rule = "cls" if has_cls else "mean"
-        if "cls" in rule and not has_cls:
-            rule = "mean"  # this layer carries no class token (e.g. the patch embedding)
-        return rule
-    return pool
-
-
-def pooled_width(raw_shape: tuple[int, ...], kind: str, rule: str) -> int:
-    """Width of the pooled vector for a per-sample shape ``raw_shape``."""
-    if rule in ("identity", "none"):
-        n = 1
-        for s in raw_shape:
-            n *= int(s)
-        return n
-    channels = raw_shape[-1] if kind in ("tokens", "map_nhwc") else raw_shape[0]
-    return {
-        "avg": channels, "max": channels, "avgmax": 2 * channels,
-        "grid2": 4 * channels, "grid3": 9 * channels,
-        "cls": channels, "mean": channels, "cls+mean": 2 * channels,
-    }[rule]
+__all__ = ["SPATIAL_POOLS", "TOKEN_POOLS", "check_pool", "layer_rule", "pooled_width", "pool"]
 
 
 def pool(x: torch.Tensor, kind: str, rule: str, prefix_tokens: int = 0) -> torch.Tensor:

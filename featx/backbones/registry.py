@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cache.key import file_digest
+from .._digest import file_digest
 from ..data.transforms import Preprocessing
 from ..errors import UnknownModelError, UsageError, WeightsUnavailableError, did_you_mean
+from . import finetuned
 from .weights import check_and_load, lukemelas_to_timm, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -206,11 +207,21 @@ def _timm_pretrained_cfg(arch: str):
 
 
 def _timm_preprocessing(cfg) -> Preprocessing:
-    size = int(cfg.input_size[-1])
-    crop_pct = float(cfg.crop_pct or 0.875)
+    """timm's own eval data config for these weights (size, crop ratio and mode, interpolation, mean, std).
+
+    ``resolve_data_config`` is what ``resolve_model_data_config`` calls, given the pretrained
+    config instead of a model, so that a cache hit never builds the network.
+    """
+    from timm.data import resolve_data_config
+
+    if cfg is None:  # timm knows no weights for the name: its defaults
+        return Preprocessing(224, 256, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+    data = resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    size = int(data["input_size"][-1])
     return Preprocessing(
-        size, int(size / crop_pct), cfg.interpolation or "bicubic",
-        tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std),
+        size, int(size / float(data["crop_pct"])), data["interpolation"],
+        tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]),
+        data.get("crop_mode") or "center",
     )
 
 
@@ -254,17 +265,34 @@ def _download_hint(path: Path, url: str, name: str) -> str:
     )
 
 
-def _reachable(url: str, timeout: float = 5.0) -> bool:
-    """Whether the host of ``url`` accepts a connection; offline machines answer at once."""
-    import socket
-    from urllib.parse import urlparse
+def _offline() -> bool:
+    """``HF_HUB_OFFLINE=1``: the ecosystem's offline switch, honoured for every weights source."""
+    from huggingface_hub import constants
 
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return constants.is_offline_mode()
+
+
+#: seconds to wait for a server's first answer before calling the machine offline
+CONNECT_TIMEOUT = 5.0
+
+
+def _url_answers(url: str, timeout: float = CONNECT_TIMEOUT) -> bool:
+    """Whether a HEAD request to ``url`` gets any HTTP answer, through the user's proxies.
+
+    torch.hub's download has no timeout: without this, a network that drops packets leaves
+    featx waiting for the kernel's connect timeout (about two minutes with Linux's default
+    tcp_syn_retries=6) before it can name the missing file. Unlike a bare socket connect, the
+    request goes through HTTP(S)_PROXY as the download itself will.
+    """
+    import urllib.error
+    import urllib.request
+
     try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
             return True
-    except OSError:
+    except urllib.error.HTTPError:
+        return True  # the server answered; the download will say what it thinks
+    except (OSError, ValueError):  # URLError, timeouts, refused connections
         return False
 
 
@@ -272,7 +300,7 @@ def _fetch_url(url: str, name: str) -> Path:
     path = _hub_file(url)
     if path.is_file():
         return path
-    if not _reachable(url):
+    if _offline() or not _url_answers(url):
         raise WeightsUnavailableError(_download_hint(path, url, name))
     try:
         torch.hub.download_url_to_file(url, str(path), progress=False)
@@ -283,33 +311,84 @@ def _fetch_url(url: str, name: str) -> Path:
     return path
 
 
-def _fetch_hf(repo: str, name: str) -> Path:
-    try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
-        raise WeightsUnavailableError(f"{name} needs huggingface_hub to fetch {repo}.") from None
-    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        cached = try_to_load_from_cache(repo, filename)
-        if isinstance(cached, str) and os.path.isfile(cached):
-            return Path(cached)
-    from huggingface_hub.constants import ENDPOINT, HF_HUB_CACHE
+def _hf_candidates(filename: str | None) -> tuple[str, ...]:
+    """File names timm would load from a Hub repository, safetensors first (as timm does)."""
+    if filename is None:
+        return ("model.safetensors", "pytorch_model.bin")
+    if filename.endswith(".bin"):
+        safe = {"pytorch_model.bin": "model.safetensors",
+                "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}.get(filename)
+        return (safe or filename[: -len(".bin")] + ".safetensors", filename)
+    return (filename,)
 
-    errors = []
-    if not _reachable(ENDPOINT):
-        errors.append(f"{ENDPOINT} is not reachable")
-    for filename in ("model.safetensors", "pytorch_model.bin") if not errors else ():
+
+def _hf_cached(repo: str, revision: str | None, candidates: tuple[str, ...]) -> Path | None:
+    """The first candidate already in the Hub cache (``HF_HUB_CACHE``); never touches the network."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    for filename in candidates:
         try:
-            return Path(hf_hub_download(repo, filename))
-        except Exception as exc:  # offline, missing file, auth
-            errors.append(f"{filename}: {type(exc).__name__}")
+            return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=True))
+        except (LocalEntryNotFoundError, FileNotFoundError):
+            continue
+    return None
 
+
+def _hf_download(repo: str, revision: str | None, candidates: tuple[str, ...], errors: list[str]) -> Path | None:
+    """Download the first candidate the repository has; on a network failure stop at once.
+
+    Each file is first asked about with one HEAD and no retries: hf_hub_download retries a
+    failed connection five times, which measured 23 s per file name on a machine without a
+    network (the HEAD fails in 0.15 s).
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for filename in candidates:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=CONNECT_TIMEOUT,
+                                 retry_on_errors=False)
+        except EntryNotFoundError:
+            errors.append(f"{filename}: not in the repository")
+            continue
+        except Exception as exc:  # no network, DNS, proxy, auth, unknown repository
+            errors.append(f"asking the Hub for {filename} failed ({type(exc).__name__})")
+            return None
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision))
+        except Exception as exc:  # the connection dropped, disk full
+            errors.append(f"{filename}: {type(exc).__name__}")
+    return None
+
+
+def _fetch_hf(hub_id: str, name: str, filename: str | None = None) -> Path:
+    """Weights from the Hugging Face Hub cache, downloaded there first unless offline."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        raise WeightsUnavailableError(f"{name} needs huggingface_hub to fetch {hub_id}.") from None
+    repo, _, revision = hub_id.partition("@")
+    revision = revision or None
+    candidates = _hf_candidates(filename)
+    cached = _hf_cached(repo, revision, candidates)
+    if cached is not None:
+        return cached
+    errors: list[str] = []
+    if _offline():
+        errors.append("HF_HUB_OFFLINE is set")
+    else:
+        found = _hf_download(repo, revision, candidates, errors)
+        if found is not None:
+            return found
+    wanted = candidates[0]
     raise WeightsUnavailableError(
         f"Pretrained weights for {name} are not on this machine and could not be downloaded from "
-        f"the Hugging Face Hub repository {repo} ({'; '.join(errors)}). Download model.safetensors "
-        f"from https://huggingface.co/{repo} into the hub cache ({HF_HUB_CACHE}, e.g. with "
-        f"`huggingface-cli download {repo}` on a machine that is online and copying the cache), "
+        f"the Hugging Face Hub repository {repo} ({'; '.join(errors)}). Download {wanted} "
+        f"from https://huggingface.co/{repo} into the hub cache ({constants.HF_HUB_CACHE}, e.g. with "
+        f"`hf download {repo} {wanted}` on a machine that is online and copying the cache), "
         "pass --checkpoint FILE, or pass --weights none for random initialisation."
-    ) from None
+    )
 
 
 def describe_model(spec: ModelSpec) -> ModelInfo:
@@ -319,9 +398,8 @@ def describe_model(spec: ModelSpec) -> ModelInfo:
     weights_file: Path | None = None
 
     if spec.source == "finetuned":
-        from ..finetuning.export import describe_finetuned
-
-        return describe_finetuned(spec)
+        identity, pre, weights_file, extra = finetuned.describe_finetuned(spec.arch)
+        return ModelInfo(spec, identity, pre, weights_file, extra=extra)
 
     if spec.source == "bundled":
         timm_arch = BUNDLED[spec.arch][0]
@@ -340,14 +418,11 @@ def describe_model(spec: ModelSpec) -> ModelInfo:
             cfg = timm.models.get_pretrained_cfg(spec.arch) or timm.models.get_pretrained_cfg(base)
         else:
             cfg = _timm_pretrained_cfg(spec.arch)
-        if cfg is not None:
-            pre = _timm_preprocessing(cfg)
-        else:
-            pre = Preprocessing(224, 256, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+        pre = _timm_preprocessing(cfg)
         if weights == "pretrained":
             identity["pretrained"] = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
             if cfg.hf_hub_id:
-                weights_file = _fetch_hf(cfg.hf_hub_id, spec.name)
+                weights_file = _fetch_hf(cfg.hf_hub_id, spec.name, cfg.hf_hub_filename)
             elif cfg.url:
                 weights_file = _fetch_url(cfg.url, spec.name)
             else:
@@ -396,14 +471,20 @@ def _checkpoint_classes(state: dict, classifier_weight_names: list[str]) -> int 
     return None
 
 
+def _build_finetuned(info: ModelInfo) -> nn.Module:
+    """The fine-tuned network: its base rebuilt untrained, cut, then given the fine-tuned tensors."""
+    description = info.extra.get("description") or finetuned.read_description(info.spec.arch)[0]
+    source, arch, image_size = finetuned.base_of(description)
+    backbone = build_model(describe_model(ModelSpec(source, arch, "none")), image_size=image_size)
+    return finetuned.load_finetuned(finetuned.assemble(description, backbone), info.weights_file)
+
+
 def build_model(info: ModelInfo, image_size: int | None = None) -> nn.Module:
     """Construct the network in eval mode with exactly the weights the identity names."""
     spec = info.spec
     weights = _weights_choice(spec.weights)
     if spec.source == "finetuned":
-        from ..finetuning.export import build_finetuned
-
-        return build_finetuned(info)
+        return _build_finetuned(info)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         if spec.source in ("bundled", "timm"):

@@ -44,35 +44,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..backbones.ladder import Ladder
+from .._digest import canonical_json, strings_digest
 from ..errors import CacheCorruptError, CacheFormatError, CacheUnavailableError, UnknownLayerError, close_matches
-from .key import canonical_json, config_key, strings_digest
+from ..layer import Ladder, Layer
+from .key import config_key
 
 ENCODING_TYPE = "featx-features"
 ENCODING_VERSION = "2"
 STR = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """A layer as stored in an entry."""
-
-    name: str
-    module: str
-    index: int
-    depth: float
-    raw_shape: tuple[int, ...]
-    kind: str
-    pool: str
-    width: int
-    dtype: str
-    order: int = 0  # execution order in the forward pass
-
-    def to_attrs(self) -> dict:
-        return {"module": self.module, "index": self.index, "depth": self.depth, "order": self.order,
-                "raw_shape": np.asarray(self.raw_shape, dtype=np.int64), "kind": self.kind,
-                "pool": self.pool, "width": self.width}
 
 
 @dataclass
@@ -83,7 +63,7 @@ class Features:
     y: np.ndarray
     ids: np.ndarray
     split: np.ndarray
-    layer: LayerRecord
+    layer: Layer
     classes: list[str]
 
 
@@ -202,17 +182,13 @@ class FeatureEntry:
         order = json.loads(f["layers"].attrs["order"])
         if sorted(order) != sorted(f["layers"].keys()):
             raise CacheCorruptError(f"{self.path}: the layer list does not match the stored layers.")
-        self.layers: list[LayerRecord] = []
+        self.layers: list[Layer] = []
         for name in order:
             ds = f["layers"][name]
             at = ds.attrs
             if ds.ndim != 2 or ds.shape[0] != self.n_samples or ds.shape[1] != int(at["width"]):
                 raise CacheCorruptError(f"{self.path}: layer {name} has shape {ds.shape}.")
-            self.layers.append(LayerRecord(
-                name, str(at["module"]), int(at["index"]), float(at["depth"]),
-                tuple(int(v) for v in at["raw_shape"]), str(at["kind"]), str(at["pool"]),
-                int(at["width"]), ds.dtype.name, int(at.get("order", at["index"])),
-            ))
+            self.layers.append(Layer.from_attrs(name, at, ds.dtype.name))
 
     # ------------------------------------------------------------------ metadata
 
@@ -233,7 +209,7 @@ class FeatureEntry:
     def size_bytes(self) -> int:
         return self.path.stat().st_size
 
-    def layer(self, name: str) -> LayerRecord:
+    def layer(self, name: str) -> Layer:
         for layer in self.layers:
             if layer.name == name:
                 return layer
@@ -319,11 +295,7 @@ class FeatureEntry:
             "bad_images": int((~s["ok"]).sum()),
             "splits": {str(k) or "(none)": int(v) for k, v in zip(splits, counts)},
             "classes": self.classes,
-            "layers": [
-                {"name": r.name, "index": r.index, "depth": r.depth, "raw_shape": list(r.raw_shape),
-                 "pool": r.pool, "width": r.width, "dtype": r.dtype}
-                for r in self.layers
-            ],
+            "layers": [_info_row(layer) for layer in self.layers],
             "config": self.config,
             "versions": self.versions,
         }
@@ -331,6 +303,15 @@ class FeatureEntry:
     def __repr__(self) -> str:
         return (f"FeatureEntry({self.key[:12]}, model={self.model!r}, dataset={self.dataset!r}, "
                 f"samples={self.n_samples}, layers={self.layer_names})")
+
+
+#: the fields ``featx cache info`` shows per layer
+_INFO_FIELDS = ("name", "index", "depth", "raw_shape", "pool", "width", "dtype")
+
+
+def _info_row(layer: Layer) -> dict:
+    row = layer.to_dict()
+    return {k: row.get(k, getattr(layer, k)) for k in _INFO_FIELDS}
 
 
 def config_json(config: dict) -> str:

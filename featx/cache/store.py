@@ -33,20 +33,21 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .._digest import strings_digest
 from .._fileio import fsync_dir
+from .._text import slug
 from ..errors import CacheCorruptError, CacheFormatError, CacheUnavailableError, EntryNotFoundError, UsageError
+from ..layer import Layer
 from .entry import (
     ENCODING_TYPE,
     ENCODING_VERSION,
     STR,
     FeatureEntry,
-    LayerRecord,
     chunk_rows,
     config_json,
     metadata_digest,
     str_array,
 )
-from .key import strings_digest
 from .partial import PartialRun
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,6 @@ def default_cache_dir() -> Path:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _slug(text: str) -> str:
-    text = text.rsplit("/", 1)[-1] if text.startswith(("folder:", "csv:")) else text
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_")[:40] or "x"
 
 
 #: sub-folders of the root that hold featx's own working files, never entries
@@ -127,7 +123,7 @@ class CacheStore:
     # ---------------------------------------------------------------- lookup
 
     def filename(self, key: str, config: dict) -> str:
-        return f"{_slug(config['dataset']['source'])}-{_slug(config['model']['name'])}-{key[:16]}.h5"
+        return f"{slug(config['dataset']['source'])}-{slug(config['model']['name'])}-{key[:16]}.h5"
 
     def _candidates(self, key_prefix: str = "") -> list[Path]:
         if not self.root.is_dir():
@@ -350,7 +346,7 @@ class CacheStore:
 
     def commit(self, key: str, config: dict, *, base: FeatureEntry | None, samples: dict | None,
                classes: list[str], ladder: dict, versions: dict, run: PartialRun,
-               records: list[LayerRecord], featx_version: str) -> FeatureEntry:
+               records: list[Layer], featx_version: str) -> FeatureEntry:
         """Assemble shards (plus an existing entry) into a new file and rename it into place."""
         self._ensure()
         final = self.root / self.filename(key, config)
@@ -420,7 +416,7 @@ class CacheStore:
         g.attrs["strings_digest"] = strings_digest(str_array(g["id"]), str_array(g["split"]), err)
 
     @staticmethod
-    def _write_layers(f, run: PartialRun, records: list[LayerRecord]) -> None:
+    def _write_layers(f, run: PartialRun, records: list[Layer]) -> None:
         n = run.plan["n"]
         datasets = {}
         for r in records:

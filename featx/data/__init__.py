@@ -6,10 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from .._lazy import lazy_getattr
 from ..errors import UnknownDatasetError, UsageError, did_you_mean
-from .images import ImageDecodeError, ImageReadError
 from .sources import (
     ImageSource,
     default_data_root,
@@ -19,7 +18,6 @@ from .sources import (
     load_folder,
 )
 from .torchvision_sets import TORCHVISION_DATASETS, load_torchvision
-from .transforms import Preprocessing
 
 __all__ = [
     "ImageSource",
@@ -32,6 +30,9 @@ __all__ = [
 ]
 
 BUILTIN = ("digits", "fashion-mnist")
+
+# torch and torchvision load on first use of what needs them: naming datasets needs neither
+__getattr__ = lazy_getattr(globals(), {"ImageDataset": ".dataset", "Preprocessing": ".transforms"})
 
 
 def dataset_names() -> list[str]:
@@ -117,27 +118,3 @@ def smallest_working_limit(source: ImageSource, works: Callable[[ImageSource], b
         else:
             lo = mid
     return hi
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Decode + resize + crop one sample; a failure is reported, never substituted."""
-
-    def __init__(self, source: ImageSource, preprocessing: Preprocessing):
-        self.source, self.pre = source, preprocessing
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int):
-        """(uint8 image, "") or (zeros, reason). A file that cannot be read (ImageReadError)
-        is raised, not recorded: it is a fault of the environment, not of the image."""
-        try:
-            return self.pre.pil_to_uint8(self.source.image(i)), ""
-        except ImageReadError:
-            raise
-        except ImageDecodeError as exc:
-            reason = exc.reason or "unreadable image"
-        except Exception as exc:  # MemoryError and any decoder/resizer failure belong to this image
-            reason = f"cannot decode or resize image ({type(exc).__name__}: {exc})"
-        size = self.pre.crop_size
-        return torch.zeros(3, size, size, dtype=torch.uint8), reason

@@ -23,6 +23,9 @@ INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
+#: timm's eval crops: ``center`` (shorter side to resize_size, centre crop), ``squash`` (both
+#: sides to resize_size, centre crop), ``border`` (longer side to resize_size, pad, centre crop)
+CROP_MODES = ("center", "squash", "border")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,11 @@ class Preprocessing:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop_mode: str = "center"
+
+    def __post_init__(self):
+        if self.crop_mode not in CROP_MODES:
+            raise UsageError(f"Unknown crop mode {self.crop_mode!r}; valid: {', '.join(CROP_MODES)}.")
 
     @property
     def crop_pct(self) -> float:
@@ -42,6 +50,10 @@ class Preprocessing:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.crop_mode == "center":
+            # the crop every entry before crop modes used: leaving it out keeps their cache keys,
+            # and any other mode changes the features, so it is named in the key
+            del d["crop_mode"]
         return d
 
     @classmethod
@@ -49,6 +61,7 @@ class Preprocessing:
         return cls(
             int(d["crop_size"]), int(d["resize_size"]), str(d["interpolation"]),
             tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]),
+            str(d.get("crop_mode", "center")),
         )
 
     def override(self, image_size: int | None = None, crop_pct: float | None = None,
@@ -74,9 +87,17 @@ class Preprocessing:
         """RGB PIL image -> uint8 tensor (3, crop, crop); absurd sizes are refused before resizing
         (ImageDecodeError), so one image cannot exhaust the memory of the whole run."""
         check_dimensions(*img.size, resize_to=self.resize_size)
-        img = TF.resize(img, self.resize_size, interpolation=INTERPOLATIONS[self.interpolation],
-                        antialias=True)
-        img = TF.center_crop(img, [self.crop_size, self.crop_size])
+        mode = INTERPOLATIONS[self.interpolation]
+        if self.crop_mode == "border":
+            from timm.data.transforms import ResizeKeepRatio, center_crop_or_pad
+
+            img = ResizeKeepRatio(self.resize_size, interpolation=self.interpolation, longest=1.0)(img)
+            fill = [round(255 * m) for m in self.mean]  # the mean colour (~0 once normalised), as in timm
+            img = center_crop_or_pad(img, [self.crop_size, self.crop_size], fill=fill)
+        else:
+            size = [self.resize_size] * 2 if self.crop_mode == "squash" else self.resize_size
+            img = TF.resize(img, size, interpolation=mode, antialias=True)
+            img = TF.center_crop(img, [self.crop_size, self.crop_size])
         return TF.pil_to_tensor(img)
 
     def normalizer(self, device: torch.device):

@@ -25,12 +25,16 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .._runtime import Device, available_cores
+from ..cache.entry import FeatureEntry
+from ..cache.partial import PartialRun
+from ..cache.store import CacheStore
 from ..errors import FeatxError, UsageError
 
 log = logging.getLogger(__name__)
@@ -285,3 +289,64 @@ def current_group() -> ProcessGroup | None:
         local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.get_world_size()))),
         timeout=timeout,
     )
+
+
+# ------------------------------------------------------------------ one extraction across the ranks
+
+
+def extract_in_group(group: ProcessGroup, store: CacheStore, key: str, config: dict, *,
+                     cached: Callable[[], FeatureEntry | None], base: Callable[[], FeatureEntry | None],
+                     opened: Callable[[Path], FeatureEntry],
+                     build: Callable[[FeatureEntry | None], FeatureEntry]) -> FeatureEntry:
+    """Rank 0 decides under the entry's lock (hit, or which entry to extend); every rank computes.
+
+    First every rank checks that all agree on the key and share the cache directory: a rank
+    with another key would write shards of another entry, found out only at assembly.
+    ``cached()`` and ``base()`` run on rank 0 only; a hit is then ``opened`` on every rank,
+    otherwise every rank calls ``build`` with the entry to extend (or None)."""
+    group.agree("cache key", key, config)
+    group.check_shared_dir(store.root)
+    try:
+        with contextlib.ExitStack() as held:
+            if group.is_main:
+                with group.beating():  # another process may hold the lock for a while
+                    held.enter_context(store.lock(key))
+
+            def decide() -> tuple[str, str | None]:
+                hit = cached()
+                if hit is not None:
+                    return "hit", str(hit.path)
+                found = base()
+                return "build", str(found.path) if found is not None else None
+
+            verdict, path = group.on_main(decide)
+            if verdict == "hit":
+                return opened(Path(path))
+            return build(FeatureEntry(Path(path)) if path is not None else None)
+    finally:
+        group.close_session()
+
+
+def open_shared_run(group: ProcessGroup, store: CacheStore, key: str, plan: dict) -> tuple[PartialRun, set[int]]:
+    """The ranks agree on the plan; rank 0 opens the partial run first (it may discard one of
+    another plan), then the others. Returns the run and the shards already on disk."""
+    group.agree("extraction plan", plan, plan)
+    done = set(group.on_main(lambda: store.partial(key, plan).done()))
+    return store.partial(key, plan), done
+
+
+def compute_together(group: ProcessGroup, compute: Callable[[], None]) -> None:
+    """Run this rank's ``compute``, then wait for every rank (bounded: a hung peer ends the wait
+    with an error); every rank stops when one failed, and the shards written are kept."""
+    error = None
+    try:
+        compute()
+    except BaseException as exc:
+        error = exc
+    group.wait_for_peers()
+    group.raise_any(error)
+
+
+def assemble_on_main(group: ProcessGroup, assemble: Callable[[], FeatureEntry]) -> FeatureEntry:
+    """Rank 0 writes the entry; the others open what it wrote."""
+    return FeatureEntry(Path(group.on_main(lambda: str(assemble().path))))

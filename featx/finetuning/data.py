@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._runtime import Device, available_cores
+from .._runtime import Device
 from ..data import ImageDataset
 from ..data.sources import ImageSource
 from ..data.transforms import Preprocessing
@@ -48,15 +48,6 @@ def epoch_batches(indices: np.ndarray, batch_size: int, epoch: int, seed: int, s
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2] += batches.pop()
     return batches
-
-
-def default_workers(device: Device, source: ImageSource) -> int:
-    """Images held in memory decode in microseconds: inline beats a worker competing for the cores."""
-    if device.is_cuda:
-        return max(1, min(8, available_cores() - 1))
-    if source.in_memory:
-        return 0
-    return 1 if available_cores() <= 4 else min(4, available_cores() // 4)
 
 
 def make_loader(dataset: LabelledImages, batches: list[list], workers: int, device: Device):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..backbones.ladder import Ladder, Layer
 from ..errors import UsageError
+from ..layer import Ladder, Layer
 from .model import FinetuneNet
 
 UNFREEZE_MODES = (None, "gradual")

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbones.ladder import LADDER_ROOTS, Layer
-from ..backbones.pooling import pooled_width
+from ..backbones.ladder import LADDER_ROOTS
 from ..backbones.taps import LayerTaps
 from ..errors import DataError
+from ..layer import Layer, pooled_width
 from ..probing.linear_head import LinearHead
 
 

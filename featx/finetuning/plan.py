@@ -18,19 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backbones.ladder import Ladder, Layer, trace_ladder
-from ..backbones.pooling import check_pool, layer_rule
+from .._digest import canonical_json, file_digest
+from ..backbones.ladder import trace_ladder
 from ..backbones.registry import ModelInfo, build_model, describe_model, parse_model
 from ..cache.entry import FeatureEntry
-from ..cache.key import canonical_json, file_digest
 from ..cache.store import CacheStore
 from ..data import open_dataset, stratified_limit
 from ..data.sources import ImageSource
 from ..data.transforms import Preprocessing
 from ..errors import CacheCorruptError, DataError, UsageError
+from ..layer import Ladder, Layer, check_pool, layer_rule
 from ..probing.linear_head import FILENAME as HEAD_FILE
 from ..probing.linear_head import LinearHead
-from ..probing.protocol import TEST_FRACTION, assign_splits, validation_folds
+from ..probing.protocol import TEST_FRACTION, assign_splits, require_two_per_class, validation_folds
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,8 @@ def _cut(info: ModelInfo, pre: Preprocessing, layer, pool: str, token_pool: str)
     return ladder, cut, {"pool": pool, "token_pool": token_pool, "rule": rule}
 
 
-def _validation_split(y_train: np.ndarray, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def _validation_split(y_train: np.ndarray, seed: int, fraction: float,
+                      class_names=None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified hold-out of the training rows; refuses splits that would be empty."""
     n = len(y_train)
     classes, counts = np.unique(y_train, return_counts=True)
@@ -181,12 +182,7 @@ def _validation_split(y_train: np.ndarray, seed: int, fraction: float) -> tuple[
             f"{wanted:.2f} images. Early stopping and the best checkpoint are chosen on it; use more images "
             "(a larger --limit) or a larger --val-fraction."
         )
-    if counts.min() < 2:
-        raise UsageError(
-            f"The validation split cannot be stratified: class {int(classes[counts.argmin()])} has a single "
-            "training image, and every class needs one image to train on and one to validate on. "
-            "Use more images (a larger --limit)."
-        )
+    require_two_per_class(y_train, class_names, stage="fine-tuning")  # the probe's check and message
     if n - max(int(round(wanted)), len(classes)) < len(classes):
         raise UsageError(
             f"--val-fraction {fraction} leaves too few of the {n} training images to train on "
@@ -204,7 +200,7 @@ def _splits(source: ImageSource, usable: np.ndarray, test_seed: int, test_fracti
     train, test = rows[s.train], rows[s.test]
     if len(s.val):  # the dataset's own validation split, as in the probe
         return train, rows[s.val], test, s.test_source
-    fit, val = _validation_split(labels[train], seed, val_fraction)
+    fit, val = _validation_split(labels[train], seed, val_fraction, source.classes)
     return train[fit], train[val], test, s.test_source
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .._fileio import atomic_write_bytes
-from ..report.outputs import strict
+from .._fileio import strict
+
+#: ``finetune.json``'s schema; version 1 (unversioned files) had test keys top1/top1_ci95/top5/n
+FORMAT = "featx-finetune-result"
+VERSION = 2
 
 
 @dataclass
@@ -18,7 +20,8 @@ class FinetuneResult:
     fingerprint: str
     layer: str
     head_init: str
-    test: dict  # n, top1, top1_ci95, balanced_accuracy, macro_f1[, top5]
+    #: featx.evaluation.METRIC_KEYS (the probe's keys, the same code) + n_test, unreadable
+    test: dict
     #: per epoch: train_loss/top1, val_loss/top1, lr_head/lr_backbone (after its last step),
     #: trainable_blocks, train_seconds, images_per_second; epoch 0 = validation before training
     history: list[dict]
@@ -37,10 +40,10 @@ class FinetuneResult:
 
     @property
     def test_top1(self) -> float:
-        return self.test["top1"]
+        return self.test["test_top1"]
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        d = {"format": FORMAT, "version": VERSION, **asdict(self)}
         d["out_dir"] = str(self.out_dir)
         d["paths"] = {k: str(v) for k, v in self.paths.items()}
         return strict(d)
@@ -53,7 +56,3 @@ class FinetuneResult:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
-
-def write_json(path: Path, data: dict) -> None:
-    text = json.dumps(strict(data), indent=2, allow_nan=False)
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))

@@ -18,28 +18,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 
 from .. import __version__
+from .._fileio import write_json
 from .._resultdir import FINETUNE, SWEEP, check_target, claim
-from .._runtime import Device, resolve_device
+from .._runtime import Device, cpu_settings, default_workers, resolve_device
+from .._text import slug
 from ..cache.key import canonical_json
 from ..data.sources import ImageSource
 from ..errors import UsageError
 from .augment import Augmentation
 from .checkpoint import CHECKPOINT_FILE, check_same_run, fingerprint, load_checkpoint, save_checkpoint
-from .data import default_workers
 from .export import MODEL_FILE, SPEC_FILE, model_description, save_finetuned
 from .freeze import resolve_freeze_below
-from .metrics import classification_metrics
+from .metrics import score_logits
 from .options import TrainOptions
 from .plan import RESULTS_FILE, Plan, plan_explicit, plan_from_results
 from .plots import plot_curves
-from .result import FinetuneResult, write_json
+from .result import VERSION, FinetuneResult
 from .sweep import best_row, format_table, grid_points, parse_sweep, point_label
-from .train import Trainer, compute_settings, default_batch_size, resolve_options
+from .train import Trainer, default_batch_size, resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,6 @@ SWEEP_FILE = "sweep.json"
 CONFIG_FORMAT = 1
 DEFAULT_ROOT = Path("featx-results") / "finetune"
 _OUTPUTS = (RESULT_FILE, MODEL_FILE, SPEC_FILE, CURVES_FILE)
-
-
-def _slug(text: str) -> str:
-    text = text.rsplit("/", 1)[-1] if text.startswith(("folder:", "csv:", "finetuned:")) else text
-    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_")[:40] or "x"
 
 
 # ------------------------------------------------------------------------------ one run
@@ -76,10 +71,10 @@ def default_out_dir(plan: Plan, head_init: str, key: str, kind: str = "finetune"
     """``finetune/`` beside the probe's result folder (never inside it: a new probe replaces that
     folder whole), or ``featx-results/finetune/`` for explicit runs; named by the fingerprint."""
     prefix = "" if kind == "finetune" else f"{kind}-"
-    cut = f"{_slug(plan.layer.name)}-{head_init}-{key[:10]}"
+    cut = f"{slug(plan.layer.name)}-{head_init}-{key[:10]}"
     if plan.probe is not None:
         return plan.probe.directory.parent / "finetune" / f"{prefix}{plan.probe.directory.name}-{cut}"
-    return DEFAULT_ROOT / f"{prefix}{_slug(plan.dataset['source'])}-{_slug(plan.model_name)}-{cut}"
+    return DEFAULT_ROOT / f"{prefix}{slug(plan.dataset['source'])}-{slug(plan.model_name)}-{cut}"
 
 
 def _finished(out: Path, config: dict, resume: bool) -> FinetuneResult | None:
@@ -92,6 +87,7 @@ def _finished(out: Path, config: dict, resume: bool) -> FinetuneResult | None:
             raise UsageError(f"{done} is unreadable; featx will not overwrite it. Move it away or choose another "
                              "output directory (--out).") from None
         check_same_run(stored.get("config", {}), config, out, resume)
+        _check_version(stored, done)
         result = FinetuneResult.from_json(stored)
         result.reused = True
         log.info("%s already holds this finished run; nothing to train", out)
@@ -103,6 +99,16 @@ def _finished(out: Path, config: dict, resume: bool) -> FinetuneResult | None:
                              "checkpoint that would prove it is this configuration; featx will not overwrite "
                              "them. Choose another output directory (--out).")
     return None
+
+
+def _check_version(stored: dict, path: Path) -> None:
+    """A finished run written under another ``finetune.json`` schema is not returned as this one:
+    its metrics have other keys and were computed by other code."""
+    if stored.get("version") != VERSION:
+        raise UsageError(f"{path} was written by an older featx (finetune.json schema version "
+                         f"{stored.get('version', 1)}, now {VERSION}: other metric keys and definitions); featx "
+                         "will not overwrite it. Move it away to train this configuration again, or choose "
+                         "another output directory (--out).")
 
 
 def run_one(plan: Plan, opts: TrainOptions, device: Device, *, out_dir=None, resume: bool = False,
@@ -126,17 +132,17 @@ def run_one(plan: Plan, opts: TrainOptions, device: Device, *, out_dir=None, res
         raise UsageError(f"--resume: {out} holds no checkpoint to resume. Run without --resume to start, or "
                          "point --out at the directory of the interrupted run.")
 
-    n_workers = default_workers(device, plan.source) if workers is None else workers
+    n_workers = default_workers(device, plan.source.in_memory) if workers is None else workers
     started = time.perf_counter()
-    with compute_settings(device, n_workers):
+    with cpu_settings(device, n_workers):
         trainer = Trainer(plan, opts, device, batch_size, n_workers, freeze_layer, progress)
         resumed_at = _train(trainer, out, checkpoint, config, key)
         trainer.use_best()
         logits, labels, ok = trainer.evaluate(plan.test, desc="test")  # the only look at the test split
-    test = classification_metrics(labels[ok], logits[ok], seed=opts.seed)
+    test = score_logits(labels[ok], logits[ok], len(plan.classes), opts.seed)
     test["unreadable"] = int((~ok).sum())
-    log.info("test top-1 %.4f (95%% CI %.4f-%.4f) with the weights of epoch %d", test["top1"],
-             *test["top1_ci95"], trainer.best.epoch)
+    log.info("test top-1 %.4f (95%% CI %.4f-%.4f) with the weights of epoch %d", test["test_top1"],
+             *test["test_top1_ci"], trainer.best.epoch)
     result = FinetuneResult(
         out_dir=out, fingerprint=key, layer=plan.layer.name, head_init=opts.head_init, test=test,
         history=trainer.history, best_epoch=trainer.best.epoch, best_val_top1=trainer.best.val_top1,
@@ -168,12 +174,20 @@ def _train(trainer: Trainer, out: Path, checkpoint: dict | None, config: dict, k
 
 
 def _probe_comparison(plan: Plan, test: dict) -> dict | None:
-    """The probe's test accuracy at the same layer, and how far fine-tuning moved it."""
+    """The probe's test accuracy at the same layer, and how far fine-tuning moved it.
+
+    Both are ``test_top1`` from ``featx.evaluation`` on the probe's test split; the difference
+    is left out (None) when the two were not scored on the same number of test images (images
+    unreadable in one stage only), since it would then compare different test sets.
+    """
     if plan.probe is None:
         return None
     probe = plan.probe.accuracy_at(plan.layer.name)
     ref = probe["logreg_test_top1"]
-    probe["delta_top1_vs_logreg"] = test["top1"] - ref if ref is not None else None
+    logreg = next((r for r in plan.probe.data.get("rows", [])
+                   if r.get("layer") == plan.layer.name and r.get("head") == "logreg"), {})
+    same_rows = logreg.get("n_test") in (None, test["n_test"])
+    probe["delta_top1_vs_logreg"] = test["test_top1"] - ref if ref is not None and same_rows else None
     return probe
 
 
@@ -186,7 +200,7 @@ def _write_outputs(plan: Plan, opts: TrainOptions, trainer: Trainer, result: Fin
     )
     result.paths = save_finetuned(out, trainer.net.cpu(), description)
     title = (f"{plan.dataset['source']} · {plan.model_name} cut at {plan.layer.name} · head {opts.head_init} · "
-             f"test top-1 {result.test['top1']:.4f}")
+             f"test top-1 {result.test['test_top1']:.4f}")
     result.paths["curves"] = plot_curves(trainer.history, out / CURVES_FILE, title, trainer.best.epoch)
     result.paths["result"] = out / RESULT_FILE
     write_json(out / RESULT_FILE, result.to_json())
@@ -212,12 +226,13 @@ def run_sweep(plan: Plan, opts: TrainOptions, grid: dict, device: Device, *, out
                          progress=progress, workers=workers)
         results.append(result)
         rows.append({**point, "val_top1": result.best_val_top1, "best_epoch": result.best_epoch,
-                     "test_top1": result.test["top1"], "test_top1_ci95": result.test["top1_ci95"],
+                     "test_top1": result.test["test_top1"], "test_top1_ci": result.test["test_top1_ci"],
                      "out_dir": str(result.out_dir)})
     table = format_table(rows, grid)
     chosen = rows.index(best_row(rows))
     claim(root, SWEEP)
-    write_json(root / SWEEP_FILE, {"grid": grid, "rows": rows, "chosen": rows[chosen], "table": table})
+    write_json(root / SWEEP_FILE, {"format": "featx-finetune-sweep", "version": VERSION, "grid": grid,
+                                    "rows": rows, "chosen": rows[chosen], "table": table})
     best = results[chosen]
     best.sweep, best.sweep_table = rows, table
     best.paths = {**best.paths, "sweep": root / SWEEP_FILE}

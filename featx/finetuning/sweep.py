@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 
 from ..errors import UsageError, did_you_mean
+from ..evaluation import val_score
 
 #: options a sweep may vary, and how their values are read
 SWEEPABLE = {
@@ -86,7 +87,7 @@ def point_label(point: dict) -> str:
 
 def best_row(rows: list[dict]) -> dict:
     """The point with the best validation accuracy (ties: the first)."""
-    return max(rows, key=lambda r: (r["val_top1"] if r["val_top1"] is not None else -1.0, -rows.index(r)))
+    return max(rows, key=lambda r: (val_score(r), -rows.index(r)))
 
 
 def format_table(rows: list[dict], grid: dict[str, list]) -> str:

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .._progress import progress_bar
-from .._runtime import Device, configure_threads, plan_cpu_threads, tune_malloc
-from ..backbones.ladder import Layer
+from .._runtime import Device
+from ..layer import Layer
 from .augment import Augmentation
 from .data import LabelledImages, epoch_batches, make_loader
 from .freeze import FreezeSchedule, block_groups, first_trainable_group
@@ -68,21 +68,6 @@ def build_network(plan: Plan, opts: TrainOptions) -> FinetuneNet:
     else:
         seeded_head(net, opts.seed)
     return net
-
-
-@contextlib.contextmanager
-def compute_settings(device: Device, workers: int):
-    """CPU: intra-op threads that fit beside the loader workers, and glibc's allocator tuned."""
-    if device.is_cuda:
-        yield
-        return
-    previous = torch.get_num_threads()
-    tune_malloc()
-    configure_threads(plan_cpu_threads(workers))
-    try:
-        yield
-    finally:
-        configure_threads(previous)
 
 
 def _autocast(device: Device):

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_score
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from ..evaluation import TOP_K, classification_metrics
 from .heads import Head, grid_for
 
-BOOTSTRAP = 1000
 PATH_PATIENCE = 2
 
 
@@ -90,22 +89,6 @@ def _convergence_notes(caught, params) -> list[str]:
     return [f"did not converge at {params}" for w in caught if issubclass(w.category, ConvergenceWarning)]
 
 
-def bootstrap_interval(correct: np.ndarray, seed: int, n: int = BOOTSTRAP) -> tuple[float, float]:
-    """95% percentile bootstrap interval of accuracy.
-
-    Resampling a 0/1 vector of length m with replacement gives Binomial(m, accuracy) hits, so
-    the bootstrap is drawn exactly without materialising m x n resamples.
-    """
-    correct = np.asarray(correct, dtype=bool)
-    m = len(correct)
-    if m == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = rng.binomial(m, correct.mean(), size=n) / m
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def _scores(model, X: np.ndarray) -> np.ndarray | None:
     for method in ("predict_proba", "decision_function"):
         if hasattr(model, method):
@@ -117,21 +100,13 @@ def _scores(model, X: np.ndarray) -> np.ndarray | None:
 
 
 def evaluate(model, X_test: np.ndarray, y_test: np.ndarray, n_classes: int, seed: int) -> tuple[dict, np.ndarray]:
-    """The single use of the test rows."""
+    """The single use of the test rows, scored by ``featx.evaluation`` like fine-tuning's."""
     pred = model.predict(X_test)
-    correct = pred == y_test
-    metrics = {
-        "test_top1": float(correct.mean()),
-        "test_top1_ci": list(bootstrap_interval(correct, seed)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),
-        "macro_f1": float(f1_score(y_test, pred, average="macro", zero_division=0)),
-        "test_top5": None,
-    }
     classes = getattr(model, "classes_", None)
-    if n_classes > 5 and classes is not None and len(classes) > 5:
+    scores = None
+    if n_classes > TOP_K and classes is not None and len(classes) > TOP_K:
         scores = _scores(model, X_test)
-        if scores is not None and scores.ndim == 2:
-            metrics["test_top5"] = float(top_k_accuracy_score(y_test, scores, k=5, labels=classes))
+    metrics = classification_metrics(y_test, pred, scores, n_classes=n_classes, classes=classes, seed=seed)
     return metrics, pred
 
 

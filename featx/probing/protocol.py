@@ -107,6 +107,26 @@ def assign_splits(labels: np.ndarray, splits: np.ndarray, seed: int = 0,
     return Splits(np.sort(train), np.sort(test), "seeded", seed, val)
 
 
+def single_sample_class(counts, classes, class_names=None) -> str | None:
+    """The problem when a class has fewer than two training images, else None: the validation
+    hold-out is stratified, so every class needs one image to fit on and one to validate on."""
+    counts = np.asarray(counts)
+    if len(counts) == 0 or counts.min() >= 2:
+        return None
+    return (f"class {_name(classes[counts.argmin()], class_names)} has {int(counts.min())} training image(s); "
+            "choosing on a validation hold-out needs at least 2 per class (one to fit, one to validate)")
+
+
+def require_two_per_class(y_train: np.ndarray, class_names=None, stage: str = "the probe protocol",
+                          hint: str = "Use more images (a larger --limit).") -> None:
+    """UsageError when a class has a single training image, in the probe and fine-tuning alike:
+    the images are the user's choice (the dataset, ``--limit``), and so is the fix."""
+    classes, counts = np.unique(np.asarray(y_train), return_counts=True)
+    problem = single_sample_class(counts, classes, class_names)
+    if problem:
+        raise UsageError(f"Too few images for {stage}: {problem}. {hint}".strip())
+
+
 def validation_folds(y_train: np.ndarray, cv: int | None, seed: int,
                      fraction: float = VALIDATION_FRACTION) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fit, validation) index pairs within the training rows: one hold-out, or ``cv`` folds."""
@@ -122,11 +142,7 @@ def validation_folds(y_train: np.ndarray, cv: int | None, seed: int,
             )
         folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
         return list(folds.split(np.zeros(len(y_train)), y_train))
-    if counts.min() < 2:
-        raise DataError(
-            f"A class has only {int(counts.min())} training sample; choosing hyper-parameters needs at least "
-            "two per class (one to fit, one to validate)."
-        )
+    require_two_per_class(y_train)  # normally caught earlier, with class names (check_split_sizes)
     idx = np.arange(len(y_train))
     n_val = max(int(round(fraction * len(y_train))), len(counts))
     fit, val = train_test_split(idx, test_size=n_val, random_state=seed, stratify=y_train)
@@ -218,9 +234,9 @@ def _selection_shortfall(counts, classes, cv, class_names) -> str | None:
     if cv is not None and isinstance(cv, (int, np.integer)) and cv >= 2 and counts.min() < cv:
         return (f"--cv {cv} needs {cv} training images per class; class {smallest} has {int(counts.min())}")
     if cv is None:
-        if counts.min() < 2:
-            return (f"class {smallest} has {int(counts.min())} training image; choosing hyper-parameters on a "
-                    "hold-out needs at least 2 per class (one to fit, one to validate)")
+        problem = single_sample_class(counts, classes, class_names)
+        if problem:
+            return problem
         n = int(counts.sum())
         n_val = max(int(round(VALIDATION_FRACTION * n)), len(classes))
         if n - n_val < len(classes):

@@ -22,16 +22,21 @@ from .. import __version__
 from .._progress import progress_bar
 from .._resultdir import PROBE, check_target
 from .._runtime import available_cores
-from ..backbones.ladder import Ladder, Layer
 from ..cache.entry import FeatureEntry
 from ..cache.store import CacheStore
 from ..errors import DataError, UnknownLayerError, UsageError
+from ..evaluation import val_score
+from ..layer import Ladder
 from .fit import CellResult, run_cell
 from .heads import resolve_heads
+from .linear_head import LinearHead
 from .protocol import VALIDATION_FRACTION, Splits, assign_splits, check_split_sizes, selection_folds, selection_method
 from .stream import stream_cell
 
 log = logging.getLogger(__name__)
+
+#: results.json's schema (README, probe): 2 = metrics from featx.evaluation, the keys finetune.json shares
+RESULTS_VERSION = 2
 
 BACKENDS = ("loky", "threading", "dask")
 
@@ -53,22 +58,17 @@ class ProbeResults:
         out: dict[str, dict] = {}
         for row in self.rows:
             cur = out.get(row["head"])
-            if cur is None or _val(row) > _val(cur):
+            if cur is None or val_score(row) > val_score(cur):
                 out[row["head"]] = row
         return out
 
     def to_dict(self) -> dict:
         return {
-            "format": "featx-probe-results", "version": 1, "featx_version": __version__,
+            "format": "featx-probe-results", "version": RESULTS_VERSION, "featx_version": __version__,
             "entry": self.entry, "protocol": self.protocol, "best": self.best,
             "best_per_head": self.best_per_head(), "recommendation": self.recommendation,
             "rows": self.rows, "seconds": round(self.seconds, 2), "files": self.files,
         }
-
-
-def _val(row: dict) -> float:
-    v = row.get("val_top1")
-    return -1.0 if v is None else float(v)
 
 
 def _pick_layers(entry: FeatureEntry, layers) -> list:
@@ -78,7 +78,7 @@ def _pick_layers(entry: FeatureEntry, layers) -> list:
     ladder_layers = {layer.name: layer for layer in entry.ladder.layers}
     cached = []
     for r in entry.layers:
-        base = ladder_layers.get(r.name) or Layer(r.name, -1, r.depth, r.raw_shape, r.kind, r.module)
+        base = ladder_layers.get(r.name) or r
         cached.append(replace(base, index=len(cached), order=r.order))
     view = Ladder(cached, [n for n in entry.ladder.auto if n in entry.layer_names], entry.ladder.input_size)
     try:
@@ -159,7 +159,7 @@ def probe(
     cells.sort(key=lambda c: (c.row["order"], order.get(c.row["head"], 99)))
 
     rows = [c.row for c in cells]
-    best_cell = max(cells, key=lambda c: _val(c.row))  # max() keeps the first of equals: shallower, earlier head
+    best_cell = max(cells, key=lambda c: val_score(c.row))  # max() keeps the first of equals: shallower, earlier head
     protocol = {
         "selection": selection_method(splits, cv),
         "cv": None if len(splits.val) else cv,
@@ -187,8 +187,22 @@ def probe(
             best_cell.model = head.pipeline(len(splits.train), seed, best_cell.row["params"]).fit(
                 X[splits.train], y[splits.train])
 
-        write_results(results, target, cells, best_cell, entry, ids, y, splits, plots=plots)
+        linear = _linear_head(cells, best_cell, entry, ids[splits.test])
+        write_results(results, target, best_cell, entry, ids, y, splits, plots=plots, linear_head=linear)
     return results
+
+
+def _linear_head(cells, best_cell, entry: FeatureEntry, test_ids) -> LinearHead | None:
+    """The logistic-regression head at the best layer as plain arrays (LP-FT starts from it), if fitted."""
+    best = best_cell.row
+    linear = next((c for c in cells if c.row["layer"] == best["layer"] and c.row["head"] == "logreg"
+                   and c.model is not None), None)
+    if linear is None:
+        return None
+    return LinearHead.from_pipeline(linear.model, best["layer"], len(entry.classes), meta={
+        "entry_key": entry.key, "params": linear.row["params"], "test_top1": linear.row["test_top1"],
+        "test_ids": [str(i) for i in test_ids], "test_pred": linear.test_pred.tolist(), "classes": entry.classes,
+    })
 
 
 def _mb(n: float) -> str:

@@ -18,7 +18,8 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .fit import CellResult, bootstrap_interval
+from ..evaluation import classification_metrics
+from .fit import CellResult
 from .protocol import Splits
 
 log = logging.getLogger(__name__)
@@ -103,19 +104,14 @@ def stream_cell(entry, record, heads, ok, y, splits: Splits, folds, n_classes, s
         for X, idx in rows.chunks(test_mask):  # the single pass over the test rows
             pred[idx] = clf.predict(scaler.transform(X))
         pred = pred[splits.test]
-        correct = pred == y[splits.test]
-        from sklearn.metrics import balanced_accuracy_score, f1_score
-
+        metrics = classification_metrics(y[splits.test], pred, n_classes=n_classes, classes=classes, seed=seed)
         row = {
             "layer": record.name, "index": record.index, "depth": record.depth, "order": record.order,
             "width": record.width, "pool": record.pool, "head": head.name,
             "params": {"alpha": alpha, "solver": f"sgd-{loss}-streamed"},
             "val_top1": float(max(scores)),
             "grid": [{"params": {"alpha": a}, "val_top1": float(s)} for a, s in zip(ALPHAS, scores)],
-            "test_top1": float(correct.mean()), "test_top1_ci": list(bootstrap_interval(correct, seed)),
-            "balanced_accuracy": float(balanced_accuracy_score(y[splits.test], pred)),
-            "macro_f1": float(f1_score(y[splits.test], pred, average="macro", zero_division=0)),
-            "test_top5": None, "fit_seconds": round(fit_seconds, 3), "n_train": int(train_mask.sum()),
+            **metrics, "fit_seconds": round(fit_seconds, 3), "n_train": int(train_mask.sum()),
             "n_test": int(test_mask.sum()),
             "notes": ["streamed from disk (layer larger than the memory budget)"]
             + ([f"skipped heads: {', '.join(skipped)}"] if skipped else []),

@@ -9,11 +9,9 @@ step; the more data per class, the more of the network can be fine-tuned without
 
 from __future__ import annotations
 
+from ..evaluation import val_score
+
 SIGNIFICANT_DROP = 0.005  # half a point of validation accuracy
-
-
-def _val(row: dict) -> float:
-    return -1.0 if row.get("val_top1") is None else float(row["val_top1"])
 
 
 def recommend(rows: list[dict], best: dict, n_train: int, n_classes: int) -> str:
@@ -25,7 +23,7 @@ def recommend(rows: list[dict], best: dict, n_train: int, n_classes: int) -> str
         f"Best: {head} on {best['layer']} (relative depth {best['depth']:.2f}), chosen on validation data; "
         f"test top-1 {best['test_top1']:.3f} (95% CI {lo:.3f}-{hi:.3f})."
     ]
-    drop = _val(best) - _val(deepest)
+    drop = val_score(best) - val_score(deepest)
     if best["layer"] == deepest["layer"] or drop < SIGNIFICANT_DROP:
         lines.append(
             "Accuracy keeps rising to the top of the network: the pretrained features suit these images. "

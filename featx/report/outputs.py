@@ -9,38 +9,15 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
-import numpy as np
-
 from .. import __version__
+from .._fileio import strict, write_json
 from .._resultdir import PROBE, staged
 
 CSV_COLUMNS = ["layer", "index", "depth", "width", "pool", "head", "params", "val_top1", "test_top1",
                "test_top1_ci_low", "test_top1_ci_high", "test_top5", "balanced_accuracy", "macro_f1",
                "fit_seconds", "n_train", "n_test", "best"]
-
-
-def strict(obj):
-    """JSON-safe copy: NaN and infinities become null, numpy scalars plain numbers."""
-    if isinstance(obj, dict):
-        return {str(k): strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return strict(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(strict(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, rows: list[dict], best: dict) -> None:
@@ -56,19 +33,22 @@ def write_csv(path: Path, rows: list[dict], best: dict) -> None:
             })
 
 
-def write_results(results, target: Path, cells, best_cell, entry, ids, y, splits, plots: bool = True) -> None:
-    """Every output file of a probe into ``target``, which is replaced whole or not at all."""
+def write_results(results, target: Path, best_cell, entry, ids, y, splits, plots: bool = True,
+                  linear_head=None) -> None:
+    """Every output file of a probe into ``target``, which is replaced whole or not at all.
+
+    ``linear_head``: the probe's logistic-regression head at the best layer (anything with
+    ``save(folder)``), written as ``linear_head.npz`` when given.
+    """
     import joblib
     import sklearn
 
-    from ..probing.linear_head import LinearHead
     from .plots import ConfusionDisplay, LayerCurveDisplay
 
     target = Path(target)
     files = {"json": "results.json", "csv": "results.csv"}
     with staged(target, PROBE) as tmp:
         best = best_cell.row
-        test_ids = [str(i) for i in ids[splits.test]]
         joblib.dump(best_cell.model, tmp / "best_head.joblib")
         write_json(tmp / "best_head.json", {
             "layer": best["layer"], "head": best["head"], "params": best["params"], "classes": entry.classes,
@@ -78,14 +58,8 @@ def write_results(results, target: Path, cells, best_cell, entry, ids, y, splits
             "warning": "a pickle runs code when loaded: only load files you trust (joblib.load)",
         })
         files["best_head"] = "best_head.joblib"
-        linear = next((c for c in cells if c.row["layer"] == best["layer"] and c.row["head"] == "logreg"
-                       and c.model is not None), None)
-        if linear is not None:
-            LinearHead.from_pipeline(linear.model, best["layer"], len(entry.classes), meta={
-                "entry_key": entry.key, "params": linear.row["params"], "test_top1": linear.row["test_top1"],
-                "test_ids": test_ids, "test_pred": linear.test_pred.tolist(), "classes": entry.classes,
-            }).save(tmp)
-            files["linear_head"] = "linear_head.npz"
+        if linear_head is not None:  # built by the probe: reporting does not depend on probing
+            files["linear_head"] = linear_head.save(tmp).name
         if plots:
             title = f"{entry.dataset} × {entry.model}"
             LayerCurveDisplay.from_rows(results.rows, title=title, best=best).save(tmp / "layers.png")

@@ -1,7 +1,7 @@
-"""Plots of probe results. matplotlib is imported lazily and always with the Agg backend.
+"""Plots of probe results, drawn with matplotlib's object API (never pyplot's global state).
 
 Each plot is a small display object (as in scikit-learn) holding ``figure_`` and ``ax_`` so
-that users can restyle it before saving.
+that users can restyle it before saving. matplotlib is imported lazily, here only.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
+def _figure(size: tuple[float, float], dpi: int = 120):
+    """A figure on its own Agg canvas: no pyplot window, no backend switch, nothing to close."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=size, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _depth_labels(layers: list[tuple[float, str]], min_gap: float = 0.04) -> list[str]:
@@ -47,8 +48,8 @@ class LayerCurveDisplay:
 
     @classmethod
     def from_rows(cls, rows: list[dict], title: str = "", best: dict | None = None) -> LayerCurveDisplay:
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+        fig = _figure((8, 4.8))
+        ax = fig.add_subplot()
         heads = list(dict.fromkeys(r["head"] for r in rows))
         for head in heads:
             curve = sorted((r for r in rows if r["head"] == head), key=lambda r: r["order"])
@@ -78,45 +79,53 @@ class LayerCurveDisplay:
 
     def save(self, path: str | Path) -> Path:
         self.figure_.savefig(path)
-        _pyplot().close(self.figure_)
         return Path(path)
 
 
 @dataclass
 class ConfusionDisplay:
-    """Row-normalised confusion matrix of one head on the test split."""
+    """Confusion matrix of one head on the test split: colour = share of the true class, text = count.
+
+    Drawn by scikit-learn's ``ConfusionMatrixDisplay`` (kept as ``display_``) on featx's figure.
+    """
 
     figure_: object
     ax_: object
-    matrix: np.ndarray
+    matrix: np.ndarray  # counts, rows = true class, columns = predicted class
+    display_: object = None
 
     @classmethod
     def from_predictions(cls, y_true, y_pred, classes: list[str], title: str = "") -> ConfusionDisplay:
-        plt = _pyplot()
+        from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
         n = len(classes)
-        matrix = np.zeros((n, n), dtype=np.int64)
-        np.add.at(matrix, (np.asarray(y_true), np.asarray(y_pred)), 1)
-        rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+        labels = np.arange(n)
+        matrix = confusion_matrix(y_true, y_pred, labels=labels)
         size = min(12, 3 + 0.45 * n)
-        fig, ax = plt.subplots(figsize=(size, size), dpi=120)
-        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-        if n <= 30:
-            ax.set_xticks(range(n))
-            ax.set_yticks(range(n))
-            ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=7)
-            ax.set_yticklabels(classes, fontsize=7)
-            for i in range(n):
-                for j in range(n):
-                    if matrix[i, j]:
-                        ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
-                                color="white" if rates[i, j] > 0.5 else "black")
+        fig = _figure((size, size))
+        ax = fig.add_subplot()
+        readable = n <= 30  # beyond that, names and counts would overlap
+        display = ConfusionMatrixDisplay.from_predictions(
+            y_true, y_pred, labels=labels, normalize="true", display_labels=list(classes), cmap="Blues",
+            ax=ax, colorbar=False, include_values=readable, xticks_rotation=60,
+            im_kw={"vmin": 0, "vmax": 1}, text_kw={"fontsize": 6},
+        )
+        if readable:
+            for (i, j), text in np.ndenumerate(display.text_):
+                text.set_text(str(matrix[i, j]) if matrix[i, j] else "")
+                text.set_color("white" if display.confusion_matrix[i, j] > 0.5 else "black")
+            ax.tick_params(labelsize=7)
+            for label in ax.get_xticklabels():
+                label.set_horizontalalignment("right")
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
-        return cls(fig, ax, matrix)
+        return cls(fig, ax, matrix, display)
 
     def save(self, path: str | Path) -> Path:
         self.figure_.savefig(path)
-        _pyplot().close(self.figure_)
         return Path(path)
