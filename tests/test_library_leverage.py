@@ -269,3 +269,18 @@ def test_tests_that_start_processes_say_so():
             elif "subprocess" in marks and "slow" not in marks:
                 unmarked.append(f"{path.name}::{func.name} is marked subprocess but not slow")
     assert not unmarked, "\n".join(unmarked)
+
+
+def test_auto_follows_the_stage_modules_timm_names():
+    """The library's stage list is what ``auto`` takes: name another module of a stage's size
+    in ``feature_info`` and ``auto`` takes that one; the traced shapes alone would not."""
+    from featx.backbones.ladder import trace_ladder
+
+    net = build_model(describe_model(parse_model("timm:resnet18", weights="none")))
+    before = trace_ladder(net, 64).auto
+    assert "layer2" in before and "layer2.0" not in before
+    for info in net.feature_info:
+        if info["module"] == "layer2":
+            info["module"] = "layer2.0"
+    after = trace_ladder(net, 64).auto
+    assert after == [("layer2.0" if name == "layer2" else name) for name in before]

@@ -297,7 +297,21 @@ def trace_ladder(model: nn.Module, input_size: int, device: torch.device | str =
         call = rec.single(name, stop) if name and name not in found else None
         if call is not None:
             extra[name] = make_layer(name, call, name)
-    return Ladder(layers, _auto(layers, composite), input_size, extra)
+    return Ladder(layers, _auto(layers, composite, _library_stages(model, layers)), input_size, extra)
+
+
+def _library_stages(model: nn.Module, layers: list[Layer]) -> list[str]:
+    """The stage outputs the model's library names (timm's ``feature_info``), as ladder names.
+
+    Empty for models that do not describe their stages (torchvision's, local architectures):
+    their stages are found from the traced shapes alone.
+    """
+    try:
+        modules = [str(info["module"]) for info in getattr(model, "feature_info", None) or ()]
+    except (TypeError, KeyError):
+        return []
+    names = {alias: layer.name for layer in layers for alias in (layer.name, *layer.aliases)}
+    return [names[m] for m in modules if m in names]
 
 
 def _rejects_input_size(exc: Exception) -> bool:
@@ -344,11 +358,14 @@ def _has_parametrised_children(m: nn.Module) -> bool:
     return any(any(True for _ in child.parameters()) for child in m.children())
 
 
-def _auto(layers: list[Layer], composite: set[str]) -> list[str]:
+def _auto(layers: list[Layer], composite: set[str], stages: list[str] = ()) -> list[str]:
     """Stage outputs or a spread of token blocks, then ``pre_logits``.
 
-    A stage output is the last block (a module built of parametrised parts, not a lone norm,
-    conv or activation) at each spatial size; the deepest spatial size gives its very last map.
+    A stage output is the module the library names for that spatial size (``stages``, timm's
+    ``feature_info``), else the last block (a module built of parametrised parts, not a lone
+    norm, conv or activation) at each spatial size. The deepest stage's size gives its very
+    last map instead (EfficientNet's ``bn2`` after the 1280-channel head conv, not ``blocks.6``:
+    featx's choice, kept since the probe reads pooled features), followed by the head's maps.
     """
     picked: list[str] = []
 
@@ -373,7 +390,14 @@ def _auto(layers: list[Layer], composite: set[str]) -> list[str]:
                 groups[-1].append(layer)
             else:
                 groups.append([layer])
+        group_of = {layer.name: g for g, group in enumerate(groups) for layer in group}
+        named = [name for name in stages if name in group_of]
+        deepest = group_of[named[-1]] if named else len(groups)
+        library = {group_of[name]: name for name in named}
         for g, group in enumerate(groups):
+            if g < deepest and g in library:
+                picked.append(library[g])
+                continue
             blocks = [layer for layer in group if layer.name in composite]
             last_group = g == len(groups) - 1
             picked.append(group[-1].name if last_group or not blocks else blocks[-1].name)
