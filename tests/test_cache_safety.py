@@ -454,3 +454,14 @@ def test_gc_removes_torchrun_heartbeats_only_once_idle(cache_dir):
     removed = CacheStore(cache_dir).gc()
     assert [item.path for item in removed] == [dead]
     assert live.exists() and not dead.exists()
+
+
+def test_gc_refuses_a_negative_age_and_removes_nothing(entry, cache_dir, capsys):
+    from featx.cli import main
+
+    left = _leftovers(cache_dir)
+    with pytest.raises(SystemExit) as info:
+        main(["--cache-dir", str(cache_dir), "cache", "gc", "--older-than", "-1"])
+    assert info.value.code == 2
+    assert "--older-than" in capsys.readouterr().err
+    assert all(left[name].exists() for name in ("tmp", "abandoned", "held", "quarantine"))
