@@ -312,3 +312,22 @@ def test_format_version_was_bumped_for_the_new_key_fields():
     from featx.cache.key import FORMAT_VERSION
 
     assert FORMAT_VERSION >= 2
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan"])
+def test_a_bad_distributed_timeout_is_a_usage_error_naming_the_variable(value, monkeypatch):
+    from featx.errors import UsageError
+    from featx.extraction.distributed import dist_timeout
+
+    monkeypatch.setenv("FEATX_DIST_TIMEOUT", value)
+    with pytest.raises(UsageError, match="FEATX_DIST_TIMEOUT must be a positive number"):
+        dist_timeout()
+
+
+def test_the_distributed_timeout_defaults_and_reads_seconds(monkeypatch):
+    from featx.extraction.distributed import DEFAULT_TIMEOUT, dist_timeout
+
+    monkeypatch.delenv("FEATX_DIST_TIMEOUT", raising=False)
+    assert dist_timeout() == DEFAULT_TIMEOUT
+    monkeypatch.setenv("FEATX_DIST_TIMEOUT", "12.5")
+    assert dist_timeout() == 12.5
