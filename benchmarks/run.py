@@ -91,7 +91,40 @@ def startup_suite(quick: bool) -> dict:
     return {"cache_ls": lambda: b.case_cache_ls(baseline, 3 if quick else 5)}
 
 
-SUITES = {"extract": extract_suite, "probe": probe_suite, "startup": startup_suite}
+def knn_suite(quick: bool) -> dict:
+    from . import bench_knn as b
+
+    entry = os.environ.get("FEATX_BENCH_KNN_ENTRY")  # a featx cache entry (.h5); default: synthetic features
+    n_fit, n_query = (12_000, 2_000) if quick else (60_000, 10_000)
+    return {
+        "knn_engine_vs_sklearn": lambda: b.case_knn(isolated, entry, threads=2, n_fit=n_fit, n_query=n_query),
+        "knn_engine_vs_sklearn_1thread": lambda: b.case_knn(isolated, entry, threads=1, n_fit=n_fit,
+                                                            n_query=n_query),
+    }
+
+
+def _entry_in(cache_dir: Path) -> str:
+    entries = sorted(cache_dir.glob("*.h5"))
+    if len(entries) != 1:
+        raise RuntimeError(f"expected the one entry of the run case in {cache_dir}, found {len(entries)}: run it first")
+    return str(entries[0])
+
+
+def run_suite(quick: bool) -> dict:
+    """The main job (``featx run``) against the hardware, then what its probe chose against
+    selecting on every row, on the entry that run built."""
+    from . import bench_probe as p
+    from . import bench_run as b
+
+    cache = Path(__file__).resolve().parents[1] / "cache" / "bench-run"
+    return {
+        "run_vs_floor": lambda: b.case_run_vs_floor(isolated, str(cache), 10_000 if quick else None),
+        "selection_rows": lambda: p.case_selection(isolated, _entry_in(cache), ["logreg", "knn", "mlp"]),
+    }
+
+
+SUITES = {"extract": extract_suite, "knn": knn_suite, "probe": probe_suite, "run": run_suite,
+          "startup": startup_suite}
 
 
 def main(argv=None) -> None:

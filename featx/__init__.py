@@ -7,7 +7,13 @@ Heavy libraries (torch, timm) are imported on first use, so ``featx --help`` is 
 
 from __future__ import annotations
 
-from . import errors
+import os
+
+# scikit-learn fits probe heads on torch tensors (a GPU) through its array API, which needs
+# SciPy's switch set before SciPy is first imported; a user's own setting is kept
+os.environ.setdefault("SCIPY_ARRAY_API", "1")
+
+from . import errors  # noqa: E402
 from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from .cache.entry import FeatureEntry, Features
 from .cache.store import CacheStore
 from .extraction import extract
 from .layer import Ladder
+from .probing.protocol import SELECTION_ROWS
 
 if TYPE_CHECKING:  # imported on first use, see __getattr__
     from .finetuning import finetune
@@ -95,7 +96,8 @@ def check_probe_data(dataset, *, limit: int | None = None, seed: int = 0, cv: in
 
 def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=None, probe_layers=None,
         cv: int | None = None, jobs: int | None = None, backend: str = "loky", scheduler: str | None = None,
-        out_dir=None, seed: int = 0, progress: bool = True, **extract_options) -> ProbeResults:
+        out_dir=None, seed: int = 0, progress: bool = True, selection_rows: int | None = SELECTION_ROWS,
+        **extract_options) -> ProbeResults:
     """The main job: extract (through the cache) then probe every extracted layer and report.
 
     Returns the :class:`~featx.probing.ProbeResults` of the probe.
@@ -112,4 +114,4 @@ def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=Non
     entry = extract(dataset, model, seed=seed, progress=progress, **extract_options)
     return probe(entry, heads=heads, layers=probe_layers, cv=cv, seed=seed, jobs=jobs, backend=backend,
                  scheduler=scheduler, out_dir=out_dir, cache_dir=extract_options.get("cache_dir"),
-                 progress=progress)
+                 progress=progress, device=extract_options.get("device", "auto"), selection_rows=selection_rows)

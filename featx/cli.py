@@ -61,7 +61,8 @@ Limit = Annotated[Optional[int], typer.Option(help="Use a stratified, seeded sub
 Seed = Annotated[int, typer.Option(help="Seed for --limit and every random choice.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per forward pass; default chosen per device.")]
 Workers = Annotated[Optional[int], typer.Option(help="DataLoader processes decoding images; default per device.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DeviceOpt = Annotated[str, typer.Option(help="Where the forward pass and the probe heads run: auto, cpu, cuda or "
+                                              "cuda:N.")]
 Precision = Annotated[str, typer.Option(help="Compute precision: auto (bf16/fp16 on CUDA), float32, bfloat16.")]
 Strict = Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of recording it.")]
 Force = Annotated[bool, typer.Option(help="Allow --pool none above the size budget.")]
@@ -191,6 +192,11 @@ OutDir = Annotated[Optional[Path], typer.Option("--out", help="Results folder (d
 Plots = Annotated[bool, typer.Option("--plots/--no-plots", help="Write layers.png and confusion.png.")]
 #: defaults of ``featx run``, chosen so the main job finishes in minutes on a 2-core CPU (README)
 RUN_HEADS = "logreg,knn,mlp"
+#: probing.protocol.SELECTION_ROWS, written out so that ``featx --help`` imports no scikit-learn
+SELECTION_ROWS = 10_000
+SelectionRows = Annotated[int, typer.Option(help="Choose hyper-parameters on at most this many training rows per "
+                                            "fold (a stratified sample; half as many validation rows), then refit "
+                                            "on all of them. 0 = select on every row.")]
 RUN_IMAGE_SIZE = 96
 RUN_POOL = "grid2"  # coarse layout matters for small images: +2 points over avg on Fashion-MNIST (README)
 
@@ -241,12 +247,26 @@ def _print_probe(results) -> None:
     split = results.protocol["splits"]
     chosen_on = (f" ({split['val']} images), refit on the training split ({split['train']} images)"
                  if split.get("val") else f" on the training split ({split['train']} images)")
-    out.print(f"protocol: {results.protocol['selection']}{chosen_on}, "
-              f"test split ({split['test']} images, {split['test_source']}) evaluated once per cell")
+    out.print(f"protocol: {results.protocol['selection']}{chosen_on}{_subsample_text(results.protocol)}, "
+              f"test split ({split['test']} images, {split['test_source']}) evaluated once per cell; "
+              f"{_engines_text(results.protocol)}")
     out.print(f"\n[bold]advice[/bold]: {results.recommendation}\n")
     if results.out_dir is not None:
         out.print(f"wrote {results.out_dir}/: " + ", ".join(results.files.values()))
     out.print(f"probe time {results.seconds:.1f} s")
+
+
+def _subsample_text(protocol: dict) -> str:
+    rows = protocol.get("selection_rows") or {}
+    if not rows or rows.get("fit") == rows.get("fit_available") and rows.get("val") == rows.get("val_available"):
+        return ""
+    return (f"; parameters chosen on {rows['fit'][0]} fitting and {rows['val'][0]} validation rows "
+            f"(a stratified sample), then refit on all")
+
+
+def _engines_text(protocol: dict) -> str:
+    engines = ", ".join(f"{head} {engine}" for head, engine in (protocol.get("engines") or {}).items())
+    return f"heads on {protocol.get('device', 'cpu')}: {engines}" if engines else ""
 
 
 @app.command()
@@ -273,6 +293,7 @@ def probe(
     data_root: DataRoot = None,
     limit: Limit = None,
     device: DeviceOpt = "auto",
+    selection_rows: SelectionRows = SELECTION_ROWS,
     progress: Progress = True,
     hash_content: HashContent = False,
 ) -> None:
@@ -296,7 +317,7 @@ def probe(
         _report_extract(entry)
     results = run_probe(entry, heads=heads, layers=layers, cv=cv, seed=seed, jobs=jobs, backend=backend,
                         scheduler=scheduler, out_dir=out_dir, cache_dir=STATE["cache_dir"], plots=plots,
-                        progress=progress)
+                        progress=progress, device=device, selection_rows=selection_rows)
     _print_probe(results)
 
 
@@ -318,6 +339,7 @@ def run(
     weights: Weights = None,
     data_root: DataRoot = None,
     device: DeviceOpt = "auto",
+    selection_rows: SelectionRows = SELECTION_ROWS,
     progress: Progress = True,
     hash_content: HashContent = False,
 ) -> None:
@@ -326,6 +348,7 @@ def run(
 
     results = run_all(
         dataset, model, heads=heads, cv=cv, jobs=jobs, out_dir=out_dir, seed=seed, progress=progress,
+        selection_rows=selection_rows,
         layers=layers, pool=pool, image_size=image_size or None, limit=limit, dtype=dtype, weights=weights,
         data_root=data_root, device=device, cache_dir=STATE["cache_dir"], hash_content=hash_content,
     )

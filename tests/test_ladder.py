@@ -12,14 +12,15 @@ from featx.errors import UnknownLayerError
 
 FAMILIES = {
     # model: (image size, expected auto selection or None to check only the properties)
-    "torchvision:resnet18": (64, ["relu", "layer1", "layer2", "layer3", "layer4", "pre_logits"]),
+    # layer4, features.8 and bn2 are left out: their global average is pre_logits
+    "torchvision:resnet18": (64, ["relu", "layer1", "layer2", "layer3", "layer4.0", "pre_logits"]),
     "torchvision:vgg11": (64, ["features.1", "features.4", "features.9", "features.14", "features.19",
                                "features", "pre_logits"]),
     "torchvision:mobilenet_v3_small": (64, ["features.0", "features.1", "features.3", "features.8",
                                             "features.12", "pre_logits"]),
     "torchvision:efficientnet_b0": (64, ["features.1", "features.2", "features.3", "features.5",
-                                         "features.8", "pre_logits"]),
-    "efficientnet_lite0": (64, ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "bn2", "pre_logits"]),
+                                         "features.7", "pre_logits"]),
+    "efficientnet_lite0": (64, ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6", "pre_logits"]),
     "torchvision:convnext_tiny": (64, ["features.1", "features.3", "features.5", "features.7", "pre_logits"]),
     "torchvision:densenet121": (64, ["features.relu0", "features.denseblock1", "features.denseblock2",
                                      "features.denseblock3", "features.norm5", "pre_logits"]),
@@ -66,6 +67,28 @@ def test_ladder_shapes_match_the_forward_pass(ladders, model):
         out = taps(x)
     for layer in ladder.layers:
         assert out[layer.name].shape == (2, int(np.prod(layer.raw_shape))), layer.name
+
+
+@pytest.mark.parametrize("model", ["torchvision:resnet18", "torchvision:efficientnet_b0", "efficientnet_lite0",
+                                   "torchvision:densenet121", "timm:resnet18"])
+def test_auto_never_holds_two_layers_with_the_same_average(model):
+    """Under ``avg`` pooling no two auto layers give the same features (the map the network
+    averages into ``pre_logits`` is left out, whatever its weights: timm's random-init ResNet
+    zeroes each block's last norm, so there ``layer4.0`` is that map too)."""
+    from featx.backbones.ladder import trace_ladder
+    from featx.layer import layer_rule
+
+    size = 64
+    net = _net(model, size)
+    ladder = trace_ladder(net, size)
+    picked = [layer for layer in ladder.layers if layer.name in ladder.auto]
+    rules = {layer.name: layer_rule(layer.kind, layer.has_cls, "avg", "cls") for layer in picked}
+    with LayerTaps(net, picked, rules) as taps, torch.no_grad():
+        out = taps(torch.randn(4, 3, size, size))
+    for i, a in enumerate(picked):
+        for b in picked[i + 1:]:
+            same = out[a.name].shape == out[b.name].shape and torch.allclose(out[a.name], out[b.name], atol=1e-6)
+            assert not same, f"{a.name} and {b.name} give the same average-pooled features"
 
 
 def test_vit_tokens_know_their_class_and_register_tokens(ladders):

@@ -138,6 +138,8 @@ class _Call:
     fp: tuple[float, float]
     in_shape: tuple[int, ...] | None = None
     ref: object = None  # keeps the tensor alive so that its id() is not reused during the trace
+    means: tuple = ()  # a 4-d output's global averages over dims (2, 3) and (1, 2), taken before
+    # any in-place op changes it (DenseNet's F.relu(inplace=True) after norm5)
 
 
 class _Recorder:
@@ -153,8 +155,12 @@ class _Recorder:
 
     def _record(self, tensor, in_shape=None) -> _Call | None:
         if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[0] == 1:
+            means = ()
+            if tensor.dim() == 4:
+                t = tensor.detach().double()
+                means = (t.mean(dim=(2, 3)), t.mean(dim=(1, 2)))
             return _Call(self.order, self.leaves, id(tensor), tuple(tensor.shape), _fingerprint(tensor),
-                         in_shape, tensor)
+                         in_shape, tensor, means)
         return None
 
     def run(self, x: torch.Tensor, classifier: str | None) -> None:
@@ -297,7 +303,28 @@ def trace_ladder(model: nn.Module, input_size: int, device: torch.device | str =
         call = rec.single(name, stop) if name and name not in found else None
         if call is not None:
             extra[name] = make_layer(name, call, name)
-    return Ladder(layers, _auto(layers, composite, _library_stages(model, layers)), input_size, extra)
+    averaged = _averaged_into(layers, rec, pre)
+    return Ladder(layers, _auto(layers, composite, _library_stages(model, layers), averaged), input_size, extra)
+
+
+def _averaged_into(layers: list[Layer], rec: _Recorder, pre: _Call | None) -> set[str]:
+    """Maps whose global average is ``pre_logits`` (EfficientNet's ``bn2``, ResNet's ``layer4``).
+
+    Checked on the traced values, not guessed from module types: the network's own pooling
+    makes these maps and ``pre_logits`` the same features under ``avg``.
+    """
+    if pre is None or not isinstance(pre.ref, torch.Tensor) or pre.ref.dim() != 2:
+        return set()
+    target = pre.ref.detach().double()
+    out = set()
+    for layer in layers:
+        call = rec.single(layer.module, None) if layer.kind in ("map", "map_nhwc") else None
+        if call is None or not call.means:
+            continue
+        pooled = call.means[0] if layer.kind == "map" else call.means[1]
+        if pooled.shape == target.shape and torch.allclose(pooled, target, rtol=1e-4, atol=1e-6):
+            out.add(layer.name)
+    return out
 
 
 def _library_stages(model: nn.Module, layers: list[Layer]) -> list[str]:
@@ -358,14 +385,18 @@ def _has_parametrised_children(m: nn.Module) -> bool:
     return any(any(True for _ in child.parameters()) for child in m.children())
 
 
-def _auto(layers: list[Layer], composite: set[str], stages: list[str] = ()) -> list[str]:
+def _auto(layers: list[Layer], composite: set[str], stages: list[str] = (), averaged: set[str] = frozenset()
+          ) -> list[str]:
     """Stage outputs or a spread of token blocks, then ``pre_logits``.
 
     A stage output is the module the library names for that spatial size (``stages``, timm's
     ``feature_info``), else the last block (a module built of parametrised parts, not a lone
-    norm, conv or activation) at each spatial size. The deepest stage's size gives its very
-    last map instead (EfficientNet's ``bn2`` after the 1280-channel head conv, not ``blocks.6``:
-    featx's choice, kept since the probe reads pooled features), followed by the head's maps.
+    norm, conv or activation) at each spatial size. The deepest size gives its very last map,
+    unless that map is ``averaged`` into ``pre_logits`` by the network itself: under ``avg``
+    pooling it would repeat ``pre_logits``, and under grid pooling it is the widest layer of all
+    (EfficientNet-Lite0's ``bn2``: 4 x 1,280 features under grid2, 62% of the main job's probe
+    time, never its best layer) and adds only the positions the network's own head averages
+    away. That size then gives its stage module (``blocks.6``) or last block instead.
     """
     picked: list[str] = []
 
@@ -381,7 +412,7 @@ def _auto(layers: list[Layer], composite: set[str], stages: list[str] = ()) -> l
     if len(token_blocks) >= 2 and len(token_blocks) >= len(maps):
         k = min(_AUTO_TOKEN_BLOCKS, len(token_blocks))
         idx = np.unique(np.round(np.linspace(0, len(token_blocks) - 1, k + 1)[1:]).astype(int))
-        picked += [maps[-1].name] if maps else []
+        picked += [maps[-1].name] if maps and maps[-1].name not in averaged else []
         picked += [token_blocks[i].name for i in idx]
     else:
         groups: list[list[Layer]] = []
@@ -398,9 +429,13 @@ def _auto(layers: list[Layer], composite: set[str], stages: list[str] = ()) -> l
             if g < deepest and g in library:
                 picked.append(library[g])
                 continue
+            group = [layer for layer in group if layer.name not in averaged]
             blocks = [layer for layer in group if layer.name in composite]
-            last_group = g == len(groups) - 1
-            picked.append(group[-1].name if last_group or not blocks else blocks[-1].name)
+            if g in library and library[g] not in averaged and group and group[-1].name != groups[g][-1].name:
+                picked.append(library[g])  # the deepest map is averaged away: the library's stage stands in
+            elif group:
+                last_group = g == len(groups) - 1 and group[-1].name == groups[g][-1].name
+                picked.append(group[-1].name if last_group or not blocks else blocks[-1].name)
     if any(layer.name == PRE_LOGITS for layer in layers):
         picked.append(PRE_LOGITS)
     if not picked and layers:

@@ -59,6 +59,15 @@ class ImageSource(ABC):
         """Where sample ``i`` lives, for error messages."""
         return str(self.ids[i])
 
+    def pixel_shape(self) -> tuple[int, ...] | None:
+        """Shape of every image, (H, W) or (H, W, 3), when the source holds them all as one uint8
+        array that can be resized batch by batch; None when images must be decoded one by one."""
+        return None
+
+    def pixels(self, rows) -> np.ndarray:
+        """Raw uint8 pixels of ``rows``, stacked (only for sources with a ``pixel_shape``)."""
+        raise NotImplementedError(f"{type(self).__name__} decodes its images one by one")
+
     def source_identity(self) -> dict:
         """The fields that name the source in the fingerprint (file sources drop their location)."""
         return {"source": self.spec}
@@ -91,6 +100,12 @@ class SubsetSource(ImageSource):
     def location(self, i: int) -> str:
         return self.base.location(int(self.indices[i]))
 
+    def pixel_shape(self) -> tuple[int, ...] | None:
+        return self.base.pixel_shape()
+
+    def pixels(self, rows) -> np.ndarray:
+        return self.base.pixels(self.indices[np.asarray(rows, dtype=np.int64)])
+
     def source_identity(self) -> dict:
         return self.base.source_identity()
 
@@ -116,6 +131,14 @@ class ArraySource(ImageSource):
 
     def image(self, i: int) -> Image.Image:
         return to_rgb(Image.fromarray(self.images[i]))
+
+    def pixel_shape(self) -> tuple[int, ...] | None:
+        grey = self.images.ndim == 3
+        rgb = self.images.ndim == 4 and self.images.shape[-1] == 3
+        return tuple(self.images.shape[1:]) if self.images.dtype == np.uint8 and (grey or rgb) else None
+
+    def pixels(self, rows) -> np.ndarray:
+        return self.images[np.asarray(rows, dtype=np.int64)]
 
     def content_digest(self) -> str:
         if self._digest is None:

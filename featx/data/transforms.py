@@ -1,8 +1,10 @@
-"""Preprocessing: resize and crop on the CPU as uint8, normalise on the device.
+"""Preprocessing: resize and crop as uint8, normalise on the device.
 
 Workers only resize and crop; the float conversion and mean/std normalisation happen
 batched on the device. That moves 4x fewer bytes between processes (and to the GPU) and
-keeps one description, ``Preprocessing``, that the cache key records in full.
+keeps one description, ``Preprocessing``, that the cache key records in full. Images held
+in memory as one uint8 array skip PIL and workers: whole batches are resized and cropped
+as tensors on the device (``batch_to_uint8``), within a couple of grey levels of PIL.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as TF2
 
 from ..errors import UsageError
-from .images import check_dimensions
+from .images import ImageDecodeError, check_dimensions
 
 INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
+#: what the batched tensor resize reproduces within a couple of grey levels of PIL; PIL's nearest
+#: picks other source pixels than torch's, which would move whole edges
+TENSOR_INTERPOLATIONS = ("bilinear", "bicubic")
 #: timm's eval crops: ``center`` (shorter side to resize_size, centre crop), ``squash`` (both
 #: sides to resize_size, centre crop), ``border`` (longer side to resize_size, pad, centre crop)
 CROP_MODES = ("center", "squash", "border")
@@ -99,6 +105,27 @@ class Preprocessing:
             img = TF.resize(img, size, interpolation=mode, antialias=True)
             img = TF.center_crop(img, [self.crop_size, self.crop_size])
         return TF.pil_to_tensor(img)
+
+    def batch_resizable(self, height: int, width: int) -> bool:
+        """Whether ``batch_to_uint8`` may stand in for ``pil_to_uint8`` on images of this size: bilinear or
+        bicubic, no border padding (timm pads with PIL), and a size ``check_dimensions`` accepts."""
+        if self.crop_mode == "border" or self.interpolation not in TENSOR_INTERPOLATIONS:
+            return False
+        try:
+            check_dimensions(width, height, resize_to=self.resize_size)
+        except ImageDecodeError:
+            return False
+        return True
+
+    def batch_to_uint8(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W) grey or (B, H, W, 3) RGB -> uint8 (B, 3, crop, crop) on the batch's device: one
+        antialiased resize and one crop for the whole batch. Grey images are resized as one channel and
+        broadcast to three (PIL's grey-to-RGB conversion copies the channel): a view, as is the crop,
+        because the normaliser's float copy is the cheapest place to lay the pixels out."""
+        x = batch.unsqueeze(1) if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
+        size = [self.resize_size] * 2 if self.crop_mode == "squash" else self.resize_size
+        x = TF2.resize(x, size, interpolation=INTERPOLATIONS[self.interpolation], antialias=True)
+        return TF2.center_crop(x, [self.crop_size, self.crop_size]).expand(-1, 3, -1, -1)
 
     def normalizer(self, device: torch.device):
         """Batched uint8 -> normalised float32 on ``device``."""

@@ -18,7 +18,7 @@ from .._progress import progress_bar
 from .._runtime import cpu_settings, default_workers
 from ..backbones.taps import LayerTaps
 from ..cache.partial import PartialRun
-from ..data import ImageDataset
+from ..data.dataset import ArrayBatches, ImageDataset
 from ..data.sources import ImageSource
 from ..errors import BadImageError, FeatureOverflowError
 from ..layer import Layer
@@ -82,17 +82,27 @@ class _ShardWriter:
 def _forward_pass(net: torch.nn.Module, layers: list[Layer], request: ExtractionRequest, plan: ShardPlan,
                   run: PartialRun, share: Share) -> None:
     """Decode, run and pool every batch of ``share.shards``; ``share.beat()`` after each batch tells
-    waiting ranks that this one is alive. A file that cannot be read (ImageReadError) stops the pass."""
+    waiting ranks that this one is alive. A file that cannot be read (ImageReadError) stops the pass.
+    The tensor resize engine works in this process on the device, so it starts no workers."""
     source, dev = request.source, request.device
-    n_workers = default_workers(dev, source.in_memory, share.cores) if request.workers is None else request.workers
+    batches = _batches(run, share.shards, plan.batch_size)
+    if request.resize_engine == "tensor":
+        n_workers = 0
+    elif request.workers is None:
+        n_workers = default_workers(dev, source.in_memory, share.cores)
+    else:
+        n_workers = request.workers
     with cpu_settings(dev, n_workers, share.cores):
-        loader = torch.utils.data.DataLoader(
-            ImageDataset(source, request.pre),
-            batch_sampler=_batches(run, share.shards, plan.batch_size),
-            num_workers=n_workers,
-            pin_memory=dev.is_cuda,
-            prefetch_factor=4 if n_workers else None,
-        )
+        if request.resize_engine == "tensor":
+            loader = ArrayBatches(source, request.pre, batches, dev.torch_device)
+        else:
+            loader = torch.utils.data.DataLoader(
+                ImageDataset(source, request.pre),
+                batch_sampler=batches,
+                num_workers=n_workers,
+                pin_memory=dev.is_cuda,
+                prefetch_factor=4 if n_workers else None,
+            )
         net = net.to(dev.torch_device).to(memory_format=torch.channels_last).eval()
         _run_batches(net, loader, layers, request, plan, run, share)
 

@@ -24,6 +24,8 @@ from ..errors import UsageError
 from ..layer import Layer, check_pool, layer_rule, pooled_width
 
 DTYPES = ("float16", "float32")
+#: ``auto``: ``tensor`` where the source allows it, else ``pil``; see :func:`choose_resize_engine`
+RESIZE_ENGINES = ("auto", "pil", "tensor")
 #: target size of one shard file; shards are whole batches, at most 64 of them
 SHARD_BYTES = 32 * 1024**2
 
@@ -36,6 +38,34 @@ def check_options(dtype: str, batch_size: int | None, workers: int | None, shard
         if value is not None and (not isinstance(value, int) or value < (0 if name == "--workers" else 1)):
             raise UsageError(f"{name} must be a {'non-negative' if name == '--workers' else 'positive'} "
                              f"integer, got {value!r}.")
+
+
+def check_resize_engine(engine: str) -> None:
+    if engine not in RESIZE_ENGINES:
+        raise UsageError(f"Unknown resize engine {engine!r}. Valid: {', '.join(RESIZE_ENGINES)}.")
+
+
+def choose_resize_engine(source: ImageSource, pre: Preprocessing, requested: str = "auto") -> str:
+    """``tensor`` (whole batches resized on the device, no PIL) or ``pil`` (one image at a time).
+
+    The tensor engine needs the images as one uint8 array of one size (in-memory datasets such
+    as digits and Fashion-MNIST) and a preprocessing it reproduces (``Preprocessing.batch_resizable``).
+    Its pixels differ from PIL's by a grey level or two, so the key names it; ``pil`` keeps the
+    features (and cache entries) of the per-image path.
+    """
+    check_resize_engine(requested)
+    if requested == "pil":
+        return "pil"
+    shape = source.pixel_shape()
+    if shape is not None and pre.batch_resizable(shape[0], shape[1]):
+        return "tensor"
+    if requested == "tensor":
+        raise UsageError(
+            "The tensor resize engine needs a dataset held in memory as uint8 images of one size (grey or RGB), "
+            f"bilinear or bicubic interpolation, no 'border' crop and a sane size; {source.spec} with "
+            f"{pre.interpolation}/{pre.crop_mode} does not qualify. Use resize_engine='auto' or 'pil'."
+        )
+    return "pil"
 
 
 @dataclass(frozen=True)
@@ -59,12 +89,16 @@ class ExtractionRequest:
     limit: int | None = None
     seed: int = 0
     hash_content: bool = False
+    #: the engine chosen by :func:`choose_resize_engine`, ``pil`` or ``tensor``
+    resize_engine: str = "pil"
 
     def __post_init__(self):
         check_pool(self.pool, self.token_pool)
         check_options(self.dtype, self.batch_size, self.workers, self.shard_rows)
         if len(self.source) == 0:
             raise UsageError("The dataset has no samples.")
+        if self.resize_engine not in ("pil", "tensor"):
+            raise ValueError(f"resize_engine must be chosen before the request, got {self.resize_engine!r}")
 
     @property
     def model_name(self) -> str:
@@ -73,7 +107,7 @@ class ExtractionRequest:
     def config(self) -> dict:
         """The cache key's document for this request."""
         return entry_config(self.info, self.pre, self.pool, self.token_pool, self.dtype, self.device,
-                            self.source, self.limit, self.seed)
+                            self.source, self.limit, self.seed, self.resize_engine)
 
 
 # ------------------------------------------------------------------------------- the key document
@@ -98,7 +132,8 @@ def code_versions() -> dict:
     defaults and the resize used on every image) define what is computed; torch defines how:
     its kernels (oneDNN/cuDNN algorithms, summation order) change float results between
     releases, and a stale entry silently mixed with new features is worse than one re-extraction
-    after an upgrade. Pillow decodes and resizes every image, so its version is included too.
+    after an upgrade. Pillow decodes and resizes images (torchvision resizes those of the tensor
+    resize engine), so its version is included too.
     numpy, h5py and python only store the results and are left out.
     """
     import PIL
@@ -123,14 +158,18 @@ def library_versions() -> dict:
 
 
 def entry_config(info: ModelInfo, pre: Preprocessing, pool: str, token_pool: str, dtype: str, device: Device,
-                 source: ImageSource, limit: int | None, seed: int) -> dict:
-    """The full description that the cache key hashes; every default is spelled out."""
+                 source: ImageSource, limit: int | None, seed: int, resize_engine: str = "pil") -> dict:
+    """The full description that the cache key hashes; every default is spelled out, except the
+    ``pil`` resize engine: entries made before there was a choice keep their keys."""
     dataset = source.fingerprint()
     dataset["limit"] = {"n": limit, "seed": seed} if limit is not None else None
+    preprocessing = pre.to_dict()
+    if resize_engine != "pil":
+        preprocessing["resize_engine"] = resize_engine
     return {
         "format": FORMAT_VERSION,
         "model": {"name": info.spec.name, **info.identity},
-        "preprocessing": pre.to_dict(),
+        "preprocessing": preprocessing,
         "pooling": {"pool": pool, "token_pool": token_pool},
         "dtype": dtype,
         "precision": device.precision,

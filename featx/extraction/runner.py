@@ -40,7 +40,15 @@ from .distributed import (
     open_shared_run,
 )
 from .loop import Share, _forward_pass
-from .plan import ExtractionRequest, ShardPlan, check_options, library_versions, plan_shards
+from .plan import (
+    ExtractionRequest,
+    ShardPlan,
+    check_options,
+    check_resize_engine,
+    choose_resize_engine,
+    library_versions,
+    plan_shards,
+)
 
 __all__ = ["extract", "RunStats"]
 
@@ -94,14 +102,22 @@ def extract(
     progress: bool = True,
     shard_rows: int | None = None,
     hash_content: bool = False,
+    resize_engine: str = "auto",
 ) -> FeatureEntry:
     """Extract pooled activations of ``layers`` of ``model`` over ``dataset`` into the cache.
 
     Returns the cache entry (a :class:`~featx.cache.entry.FeatureEntry`); ``entry.last_run``
     says whether a forward pass ran. Re-running with the same arguments returns at once.
+
+    ``resize_engine``: ``auto`` resizes datasets held in memory as uint8 arrays (digits,
+    Fashion-MNIST) in whole batches on the device, other datasets image by image with PIL;
+    ``pil`` always uses PIL (the features, and cache entries, of featx before the choice
+    existed); ``tensor`` insists on batches. The two differ by a grey level or two, so the
+    cache key names the tensor engine.
     """
     check_pool(pool, token_pool)  # cheap checks first: before a dataset is opened or a model named
     check_options(dtype, batch_size, workers, shard_rows)
+    check_resize_engine(resize_engine)
     source = dataset if isinstance(dataset, ImageSource) else open_dataset(dataset, data_root, download,
                                                                             hash_content=hash_content)
     source = stratified_limit(source, limit, seed)
@@ -118,6 +134,7 @@ def extract(
         source=source, info=info, pre=pre, layers=layers, pool=pool, token_pool=token_pool, dtype=dtype,
         device=dev, batch_size=batch_size, workers=workers, strict=strict, force=force, progress=progress,
         shard_rows=shard_rows, limit=limit, seed=seed, hash_content=hash_content,
+        resize_engine=choose_resize_engine(source, pre, resize_engine),
     )
     config = request.config()
     key = config_key(config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from ..evaluation import TOP_K, classification_metrics
+from .engines import array_api, portable, to_device, to_numpy, torch_threads
 from .heads import Head, grid_for
 
 PATH_PATIENCE = 2
@@ -31,39 +33,48 @@ class CellResult:
     model: object | None  # the refit Pipeline (None when too large to ship back, e.g. k-NN)
 
 
-def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int) -> tuple[dict, list[float], list[str]]:
-    """Best parameters by mean validation accuracy over ``folds`` of the training rows.
+def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int, device: str = "cpu",
+           n_rows: int | None = None) -> tuple[dict, list[float], list[str]]:
+    """Best parameters by mean validation accuracy over ``folds`` (rows of ``X``).
 
     Ties go to the earlier grid entry (grids are ordered from the most regularised).
+    ``n_rows``: the number of rows selection stands for (default ``len(y)``), which sets the
+    variant of a size-dependent head (exact or approximate SVM).
     """
-    grid = feasible_grid(head, len(y), folds)
+    n_rows = len(y) if n_rows is None else n_rows
+    grid = feasible_grid(head, n_rows, folds)
     if not grid:
         return {}, [], []
+    engine = head.engine(device)
+    on_device = engine.arrays == "torch"
     totals = np.zeros(len(grid))
     stopped = len(grid)
     notes: set[str] = set()
     for fit_idx, val_idx in folds:
-        scaler = StandardScaler().fit(X[fit_idx])
-        X_fit, X_val = scaler.transform(X[fit_idx]), scaler.transform(X[val_idx])
-        y_fit, y_val = y[fit_idx], y[val_idx]
-        if head.score_grid is not None:
-            totals += head.score_grid(X_fit, y_fit, X_val, y_val, grid)
-            continue
-        clf = head.build(len(y), seed)  # the variant (e.g. exact or approximate SVM) follows the training size
-        if head.warm_start:
-            clf.set_params(warm_start=True)
-        for i, params in enumerate(grid):
-            if not head.warm_start:
-                clf = clone(clf)
-            clf.set_params(**params)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ConvergenceWarning)
-                clf.fit(X_fit, y_fit)
-            notes.update(_convergence_notes(caught, params))
-            totals[i] += clf.score(X_val, y_val)
-            if head.warm_start and len(folds) == 1 and _path_has_turned(totals[: i + 1]):
-                stopped = i + 1
-                break
+        X_fit, X_val, y_fit, y_val = X[fit_idx], X[val_idx], y[fit_idx], y[val_idx]
+        if on_device:
+            X_fit, X_val, y_fit, y_val = (to_device(a, device) for a in (X_fit, X_val, y_fit, y_val))
+        with array_api(on_device):
+            scaler = StandardScaler().fit(X_fit)
+            X_fit, X_val = scaler.transform(X_fit), scaler.transform(X_val)
+            if engine.score_grid is not None:
+                totals += engine.score_grid(X_fit, y_fit, X_val, y_val, grid, device=device)
+                continue
+            clf = engine.build(n_rows, seed, device)  # the variant (e.g. exact or approximate SVM) follows the size
+            if head.warm_start:
+                clf.set_params(warm_start=True)
+            for i, params in enumerate(grid):
+                if not head.warm_start:
+                    clf = clone(clf)
+                clf.set_params(**params)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", ConvergenceWarning)
+                    clf.fit(X_fit, y_fit)
+                notes.update(_convergence_notes(caught, params))
+                totals[i] += float(clf.score(X_val, y_val))
+                if head.warm_start and len(folds) == 1 and _path_has_turned(totals[: i + 1]):
+                    stopped = i + 1
+                    break
     scores = list(totals[:stopped] / len(folds))
     best = int(np.argmax(scores))
     return dict(grid[best]), [float(s) for s in scores], sorted(notes)
@@ -99,46 +110,56 @@ def _scores(model, X: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def evaluate(model, X_test: np.ndarray, y_test: np.ndarray, n_classes: int, seed: int) -> tuple[dict, np.ndarray]:
+def evaluate(model, X_test, y_test: np.ndarray, n_classes: int, seed: int) -> tuple[dict, np.ndarray]:
     """The single use of the test rows, scored by ``featx.evaluation`` like fine-tuning's."""
-    pred = model.predict(X_test)
+    pred = to_numpy(model.predict(X_test))
     classes = getattr(model, "classes_", None)
+    classes = None if classes is None else to_numpy(classes)
     scores = None
     if n_classes > TOP_K and classes is not None and len(classes) > TOP_K:
         scores = _scores(model, X_test)
+        scores = None if scores is None else to_numpy(scores)
     metrics = classification_metrics(y_test, pred, scores, n_classes=n_classes, classes=classes, seed=seed)
     return metrics, pred
 
 
 def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
              folds, n_classes: int, seed: int, keep_model: bool = True, blas_threads: int = 1,
-             selection_rows: np.ndarray | None = None) -> CellResult:
+             selection_rows: np.ndarray | None = None, device: str = "cpu") -> CellResult:
     """Select, refit on all training rows, test once. Runs inside a joblib worker.
 
     ``folds`` index ``selection_rows`` (default: the training rows); with the source's own
     validation split those are train followed by val, and the refit still uses ``train`` only.
+    The model comes back as plain scikit-learn on numpy (``engines.portable``).
     """
     t0 = time.perf_counter()
     selection_rows = train if selection_rows is None else selection_rows
-    with threadpool_limits(limits=blas_threads):
-        X_train, y_train = X[train], y[train]
-        params, grid_scores, notes = select(head, X[selection_rows], y[selection_rows], folds, seed)
-        model = head.pipeline(len(train), seed, params)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            model.fit(X_train, y_train)
-        notes = sorted(set(notes) | set(_convergence_notes(caught, params)))
-        fit_seconds = time.perf_counter() - t0
-        metrics, pred = evaluate(model, X[test], y[test], n_classes, seed)
+    engine = head.engine(device)
+    on_device = engine.arrays == "torch"
+    with threadpool_limits(limits=blas_threads), torch_threads(blas_threads) if engine.uses_torch else nullcontext():
+        # folds as rows of X: only the (bounded) selection rows are ever copied out of the shared array
+        row_folds = [(selection_rows[fit], selection_rows[val]) for fit, val in folds]
+        params, grid_scores, notes = select(head, X, y, row_folds, seed, device, n_rows=len(selection_rows))
+        X_train, y_train, X_test = X[train], y[train], X[test]
+        if on_device:
+            X_train, y_train, X_test = (to_device(a, device) for a in (X_train, y_train, X_test))
+        with array_api(on_device):
+            model = head.pipeline(len(train), seed, params, device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                model.fit(X_train, y_train)
+            notes = sorted(set(notes) | set(_convergence_notes(caught, params)))
+            fit_seconds = time.perf_counter() - t0
+            metrics, pred = evaluate(model, X_test, y[test], n_classes, seed)
     grid = feasible_grid(head, len(selection_rows), folds)  # the grid select() walked
     row = {
         **layer, "head": head.name, "params": _plain(params),
         "val_top1": max(grid_scores) if grid_scores else None,
         "grid": [{"params": _plain(p), "val_top1": s} for p, s in zip(grid, grid_scores)],  # evaluated part
         **metrics, "fit_seconds": round(fit_seconds, 3), "n_train": int(len(train)), "n_test": int(len(test)),
-        "notes": notes,
+        "engine": engine.name, "device": device, "notes": notes,
     }
-    return CellResult(row, pred.astype(np.int64), model if keep_model else None)
+    return CellResult(row, pred.astype(np.int64), portable(model) if keep_model else None)
 
 
 def _plain(params: dict) -> dict:

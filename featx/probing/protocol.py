@@ -165,6 +165,40 @@ def selection_folds(splits: Splits, y: np.ndarray, cv: int | None, seed: int) ->
     return [(np.arange(n_train), np.arange(n_train, n_train + len(splits.val)))]
 
 
+#: hyper-parameters are chosen on at most this many fitting rows (and half as many validation
+#: rows) per fold, a stratified sample; the chosen model is then refit on every training row.
+#: On Fashion-MNIST (48,000 fitting rows) this picks the same cells within 0.3 points of test
+#: accuracy as selecting on all rows (README), at a fifth of the selection cost.
+SELECTION_ROWS = 10_000
+
+
+def stratified_sample(rows: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most ``n`` of ``rows``, every class in proportion and present at least once, sorted."""
+    rows = np.asarray(rows)
+    if n <= 0 or len(rows) <= n:
+        return rows
+    rng = np.random.default_rng(seed)
+    classes, inverse, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    quota = np.maximum(1, np.floor(counts * n / len(rows)).astype(int))
+    order = np.argsort(-(counts * n / len(rows) - np.floor(counts * n / len(rows))), kind="stable")
+    for c in order[: max(0, n - int(quota.sum()))]:  # largest remainders fill up to n
+        quota[c] += 1
+    picked = [rng.choice(np.flatnonzero(inverse == c), size=min(q, counts[c]), replace=False)
+              for c, q in enumerate(quota)]
+    return np.sort(rows[np.concatenate(picked)])
+
+
+def bounded_folds(folds, y_selection: np.ndarray, max_rows: int | None, seed: int) -> list[tuple[np.ndarray,
+                                                                                                  np.ndarray]]:
+    """The selection folds with at most ``max_rows`` fitting and ``max_rows // 2`` validation rows
+    each (stratified, seeded); ``max_rows`` None or 0 keeps every row."""
+    if not max_rows:
+        return list(folds)
+    y_selection = np.asarray(y_selection)
+    return [(stratified_sample(fit, y_selection[fit], max_rows, seed),
+             stratified_sample(val, y_selection[val], max(max_rows // 2, 1), seed + 1)) for fit, val in folds]
+
+
 def selection_method(splits: Splits, cv: int | None) -> str:
     if len(splits.val):
         return "the dataset's own validation split"

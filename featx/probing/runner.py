@@ -27,10 +27,20 @@ from ..cache.store import CacheStore
 from ..errors import DataError, UnknownLayerError, UsageError
 from ..evaluation import val_score
 from ..layer import Ladder
+from .engines import portable, resolve_device
 from .fit import CellResult, run_cell
 from .heads import resolve_heads
 from .linear_head import LinearHead
-from .protocol import VALIDATION_FRACTION, Splits, assign_splits, check_split_sizes, selection_folds, selection_method
+from .protocol import (
+    SELECTION_ROWS,
+    VALIDATION_FRACTION,
+    Splits,
+    assign_splits,
+    bounded_folds,
+    check_split_sizes,
+    selection_folds,
+    selection_method,
+)
 from .stream import stream_cell
 
 log = logging.getLogger(__name__)
@@ -113,6 +123,8 @@ def probe(
     memory_budget: int | None = None,
     plots: bool = True,
     progress: bool = True,
+    device: str = "auto",
+    selection_rows: int | None = SELECTION_ROWS,
 ) -> ProbeResults:
     """Probe the layers of a cache entry with scikit-learn heads (see design §4).
 
@@ -121,12 +133,19 @@ def probe(
     Writes results.json, results.csv, layers.png, confusion.png, best_head.joblib and
     linear_head.npz into ``out_dir`` (default ``featx-results/<entry>``; ``out_dir=False``
     writes nothing).
+
+    ``device``: where the heads compute (``auto``, ``cpu``, ``cuda``, ``cuda:N``), as for
+    extraction. ``selection_rows``: hyper-parameters are chosen on at most this many fitting
+    rows per fold (a stratified sample; 0 or None = all), then refit on every training row.
     """
     t_start = time.perf_counter()
     if backend not in BACKENDS:
         raise UsageError(f"Unknown backend {backend!r}. Valid: {', '.join(BACKENDS)}.")
     if jobs is not None and (not isinstance(jobs, int) or jobs == 0 or jobs < -1):
         raise UsageError(f"--jobs must be a positive integer or -1 (all cores), got {jobs!r}.")
+    if selection_rows is not None and (not isinstance(selection_rows, (int, np.integer))
+                                       or isinstance(selection_rows, bool) or selection_rows < 0):
+        raise UsageError(f"--selection-rows must be a non-negative integer (0 = all rows), got {selection_rows!r}.")
     store = CacheStore(cache_dir)
     entry = store.resolve(entry)
     target = None if out_dir is False else Path(out_dir) if out_dir else Path("featx-results") / entry.path.stem
@@ -134,6 +153,7 @@ def probe(
         check_target(target, PROBE)  # refuse a folder featx may not replace before any fitting
     head_list = resolve_heads(heads)
     records = _pick_layers(entry, layers)
+    device = resolve_device(device)
 
     s = entry.samples()
     ok = s["ok"]
@@ -141,7 +161,8 @@ def probe(
     check_split_sizes(y, split_names, seed=seed, class_names=entry.classes,
                       hint=f"The entry holds {len(y)} readable images; extract more (a larger --limit).")
     splits = assign_splits(y, split_names, seed)
-    folds = selection_folds(splits, y, cv, seed)
+    all_folds = selection_folds(splits, y, cv, seed)
+    folds = bounded_folds(all_folds, y[splits.selection_rows], selection_rows, seed)
     n_classes = len(entry.classes)
     jobs = available_cores() if jobs in (None, -1) else jobs
     budget = _memory_budget() if memory_budget is None else int(memory_budget)
@@ -153,9 +174,9 @@ def probe(
         (streamed if len(y) * r.width * 4 > budget else in_memory).append(r)
     for r in streamed:
         log.info("layer %s (%s) exceeds the memory budget: streaming it through SGD", r.name, _mb(len(y) * r.width * 4))
-        cells += stream_cell(entry, r, head_list, ok, y, splits, folds, n_classes, seed)
+        cells += stream_cell(entry, r, head_list, ok, y, splits, all_folds, n_classes, seed)
     cells += _run_grid(entry, in_memory, head_list, y, splits, folds, n_classes, seed, jobs, backend, scheduler,
-                       progress)
+                       progress, device)
     cells.sort(key=lambda c: (c.row["order"], order.get(c.row["head"], 99)))
 
     rows = [c.row for c in cells]
@@ -166,6 +187,8 @@ def probe(
         "validation_fraction": None if cv or len(splits.val) else VALIDATION_FRACTION, "seed": seed,
         "splits": splits.describe(), "roles": splits.roles(split_names, folds),
         "bootstrap": "95% percentile interval, 1000 resamples",
+        "selection_rows": _selection_rows(all_folds, folds, selection_rows),
+        "device": device, "engines": {h.name: h.engine(device).name for h in head_list},
         "heads": {h.name: h.description for h in head_list}, "jobs": jobs, "backend": backend,
         "ranking": "validation accuracy (the test split never influences selection)",
     }
@@ -184,8 +207,8 @@ def probe(
         if best_cell.model is None:  # k-NN models hold their training data: refit here, not shipped back
             head = next(h for h in head_list if h.name == best_cell.row["head"])
             X = _load_layer(entry, entry.layer(best_cell.row["layer"]))
-            best_cell.model = head.pipeline(len(splits.train), seed, best_cell.row["params"]).fit(
-                X[splits.train], y[splits.train])
+            best_cell.model = portable(head.pipeline(len(splits.train), seed, best_cell.row["params"], device).fit(
+                X[splits.train], y[splits.train]))
 
         linear = _linear_head(cells, best_cell, entry, ids[splits.test])
         write_results(results, target, best_cell, entry, ids, y, splits, plots=plots, linear_head=linear)
@@ -205,6 +228,12 @@ def _linear_head(cells, best_cell, entry: FeatureEntry, test_ids) -> LinearHead 
     })
 
 
+def _selection_rows(all_folds, folds, limit) -> dict:
+    """What selection fitted and scored on, per fold, against what the folds held."""
+    return {"limit": int(limit or 0), "fit": [int(len(f)) for f, _ in folds], "val": [int(len(v)) for _, v in folds],
+            "fit_available": [int(len(f)) for f, _ in all_folds], "val_available": [int(len(v)) for _, v in all_folds]}
+
+
 def _mb(n: float) -> str:
     return f"{n / 2**20:.0f} MB"
 
@@ -221,7 +250,7 @@ def _load_layer(entry: FeatureEntry, record) -> np.ndarray:
 
 
 def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, jobs, backend, scheduler,
-              progress) -> list[CellResult]:
+              progress, device: str = "cpu") -> list[CellResult]:
     if not records:
         return []
     from joblib import Parallel, delayed, parallel_config
@@ -241,7 +270,8 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
                     "pool": r.pool}
             for head in heads:
                 yield delayed(run_cell)(meta, head, X, y, splits.train, splits.test, folds, n_classes, seed,
-                                        keep_model=head.name != "knn", selection_rows=splits.selection_rows)
+                                        keep_model=head.name != "knn", selection_rows=splits.selection_rows,
+                                        device=device)
 
     total = len(records) * len(heads)
     bar = progress_bar(total=total, unit="cell", desc="probe", disable=not progress)

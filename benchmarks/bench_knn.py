@@ -1,0 +1,171 @@
+"""k-NN probe benchmark: featx's device engine against scikit-learn's cosine brute force.
+
+Both score the k-NN head's grid the way the probe does (one neighbour search at the largest
+k, every k voted from it), on the same standardised float32 features, with the same thread
+budget, each in a fresh process in the same run. scikit-learn is timed on float32 input (what
+the probe passes it today: float32 distances) and on float64 input (the answers the engine
+reproduces). Reported: the speed ratios, and how many predictions differ from each.
+
+Features: a featx cache entry (the train rows are searched, the test rows are the queries) or,
+without one, a synthetic clustered set of 60,000 x 448 float32 rows in 10 classes and 10,000
+queries. ``python -m benchmarks.bench_knn [--entry PATH] [--quick]`` runs it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+KS = (1, 5, 10, 20, 50)  # the knn head's grid in featx.probing.heads
+
+
+def synthetic_features(out_dir: str, n_fit: int = 60_000, n_query: int = 10_000, dim: int = 448, n_classes: int = 10,
+                       seed: int = 0) -> str:
+    """Classes of four overlapping sub-clusters in a 32-dimensional latent space, mapped linearly to
+    ``dim`` features plus noise: low intrinsic dimension like real features, and a k-NN accuracy
+    in the 80s (at 60,000 rows), so that votes are contested."""
+    rng = np.random.default_rng(seed)
+    latent, n = 32, n_fit + n_query
+    centres = 0.5 * rng.normal(size=(n_classes, latent))
+    modes = centres.repeat(4, axis=0) + 0.25 * rng.normal(size=(4 * n_classes, latent))
+    mode = rng.integers(0, len(modes), n)
+    projection = rng.normal(size=(latent, dim)) / np.sqrt(latent)
+    X = ((modes[mode] + rng.normal(size=(n, latent))) @ projection + rng.normal(size=(n, dim))).astype(np.float32)
+    return _save(out_dir, X[:n_fit], mode[:n_fit] // 4, X[n_fit:], mode[n_fit:] // 4)
+
+
+def entry_features(out_dir: str, entry_path: str, layer: str | None = None, seed: int = 0) -> str:
+    """One layer of a cache entry, train rows against test rows (the last layer unless named)."""
+    import h5py
+
+    from featx.probing.protocol import assign_splits
+
+    with h5py.File(entry_path, "r") as f:
+        ok = f["samples/ok"][()].astype(bool)
+        y = f["samples/label"][()][ok]
+        splits = assign_splits(y, f["samples/split"].asstr()[()][ok], seed)
+        layer = layer or json.loads(f["layers"].attrs["order"])[-1]
+        X = f["layers"][layer][()][ok].astype(np.float32)
+    return _save(out_dir, X[splits.train], y[splits.train], X[splits.test], y[splits.test], layer=layer)
+
+
+def _save(out_dir, X_fit, y_fit, X_query, y_query, **meta) -> str:
+    """Standardised on the searched rows, as the probe's pipeline does (float32 stays float32)."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(X_fit)
+    path = Path(out_dir) / "features.npz"
+    np.savez(path, X_fit=scaler.transform(X_fit), y_fit=y_fit, X_query=scaler.transform(X_query), y_query=y_query,
+             meta=json.dumps({"n_fit": len(X_fit), "n_query": len(X_query), "dim": X_fit.shape[1], **meta}))
+    return str(path)
+
+
+def _load(path: str, dtype) -> tuple:
+    data = np.load(path)
+    return (data["X_fit"].astype(dtype), data["y_fit"], data["X_query"].astype(dtype), data["y_query"],
+            json.loads(str(data["meta"])))
+
+
+def sklearn_grid(path: str, ks, dtype: str, threads: int) -> dict:
+    """featx's knn_score_grid, returning the predictions for every k instead of their accuracy."""
+    from sklearn.neighbors import KNeighborsClassifier
+    from threadpoolctl import threadpool_limits
+
+    X_fit, y_fit, X_query, y_query, _ = _load(path, np.dtype(dtype))
+    with threadpool_limits(limits=threads):
+        t0 = time.perf_counter()
+        k_max = min(max(ks), len(X_fit))
+        model = KNeighborsClassifier(n_neighbors=k_max, metric="cosine", algorithm="brute").fit(X_fit, y_fit)
+        labels = np.searchsorted(model.classes_, y_fit)[model.kneighbors(X_query, return_distance=False)]
+        predictions = []
+        for k in ks:
+            votes = np.zeros((len(X_query), len(model.classes_)), dtype=np.int32)
+            rows = np.repeat(np.arange(len(X_query)), min(k, k_max))
+            np.add.at(votes, (rows, labels[:, : min(k, k_max)].ravel()), 1)
+            predictions.append(model.classes_[votes.argmax(axis=1)])
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "predictions": np.array(predictions), "y_query": y_query}
+
+
+def engine_grid(path: str, ks, threads: int, device: str) -> dict:
+    """featx.probing.knn.score_grid, timed; then the same votes again for the predictions."""
+    t0 = time.perf_counter()
+    import torch
+
+    torch_import = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    from threadpoolctl import threadpool_limits
+
+    from featx.probing import knn
+
+    X_fit, y_fit, X_query, y_query, _ = _load(path, np.float32)
+    with threadpool_limits(limits=threads):
+        t0 = time.perf_counter()
+        scores = knn.score_grid(X_fit, y_fit, X_query, y_query, ks, device=device)
+        seconds = time.perf_counter() - t0
+        model = knn.CosineKNeighborsClassifier(n_neighbors=max(ks), device=device).fit(X_fit, y_fit)
+        counts, deferred = knn._vote_counts(model._fit_X, model._y, len(model.classes_), X_query, ks, device, None)
+    predictions = np.array([model.classes_[c.argmax(axis=1)] for c in counts])
+    return {"seconds": seconds, "predictions": predictions, "scores": scores, "deferred_queries": deferred,
+            "torch_import_seconds": torch_import}
+
+
+def case_knn(run, entry_path: str | None = None, ks=KS, threads: int = 2, device: str = "cpu",
+             n_fit: int = 60_000, n_query: int = 10_000) -> dict:
+    out_dir = tempfile.mkdtemp(prefix="featx-bench-knn-")
+    try:
+        if entry_path:
+            path = run(entry_features, out_dir, entry_path)
+        else:
+            path = run(synthetic_features, out_dir, n_fit, n_query)
+        meta = _load(path, np.float32)[-1]
+        sk32 = run(sklearn_grid, path, ks, "float32", threads)
+        sk64 = run(sklearn_grid, path, ks, "float64", threads)
+        ours = run(engine_grid, path, ks, threads, device)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    y = sk32["y_query"]
+
+    def per_k(values):
+        return {str(k): v for k, v in zip(ks, values)}
+
+    return {
+        "features": "entry" if entry_path else "synthetic", "entry": entry_path, **meta, "ks": list(ks),
+        "threads": threads, "device": device,
+        "sklearn_float32_seconds": sk32["seconds"], "sklearn_float64_seconds": sk64["seconds"],
+        "featx_seconds": ours["seconds"], "featx_torch_import_seconds": ours["torch_import_seconds"],
+        "speedup": sk32["seconds"] / ours["seconds"],
+        "speedup_vs_float64": sk64["seconds"] / ours["seconds"],
+        "identical_to_sklearn_float64": bool(np.array_equal(ours["predictions"], sk64["predictions"])),
+        "differ_from_sklearn_float64": per_k(int(n) for n in (ours["predictions"] != sk64["predictions"]).sum(1)),
+        "differ_from_sklearn_float32": per_k(int(n) for n in (ours["predictions"] != sk32["predictions"]).sum(1)),
+        "queries_answered_by_sklearn": per_k(ours["deferred_queries"]),
+        "accuracy": {"featx": per_k(ours["scores"]),
+                     "sklearn_float32": per_k(float(np.mean(p == y)) for p in sk32["predictions"]),
+                     "sklearn_float64": per_k(float(np.mean(p == y)) for p in sk64["predictions"])},
+    }
+
+
+def main(argv=None) -> None:
+    from .run import isolated
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entry", help="A featx cache entry (.h5); default: synthetic features.")
+    parser.add_argument("--quick", action="store_true", help="12,000 x 2,000 rows instead of 60,000 x 10,000.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    sizes = (12_000, 2_000) if args.quick else (60_000, 10_000)
+    result = case_knn(isolated, args.entry, threads=args.threads, device=args.device, n_fit=sizes[0],
+                      n_query=sizes[1])
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

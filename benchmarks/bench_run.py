@@ -1,0 +1,124 @@
+"""The main job against the hardware: ``featx run`` from a cold cache vs a bare forward pass.
+
+- floor: ``bench_floor.floor``, the model's channels_last forward pass over the same images
+  already resized in memory (no decoding, no per-image work, nothing kept);
+- run:   ``featx run`` as a user types it (a fresh cache and result folder), timed from the
+  outside, with the peak memory of its whole process tree (the probe's workers included)
+  sampled from /proc every 0.2 s.
+
+Both in one benchmark run; the ratio is the acceptance figure (target <= 3).
+Standalone: ``python -m benchmarks.bench_run [--limit N]`` prints the result as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+IMAGE_SIZE = 96  # featx run's default input size (featx/cli.py)
+N_FASHION = 70_000
+
+
+def _tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry.name), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack += children.get(pid, [])
+    return total
+
+
+def featx_run(limit: int | None, cache_dir: str, extra: list[str] = ()) -> dict:
+    """``featx run`` into an emptied ``cache_dir``: wall seconds, peak tree RSS and its results.
+
+    The cache is kept afterwards, so that later cases probe the very entry this run built.
+    """
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix="featx-run-bench-"))
+    cmd = [sys.executable, "-m", "featx", "--cache-dir", cache_dir, "run", "--out", str(work / "out"),
+           "--no-progress", *extra]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    peak = 0
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                stdin=subprocess.DEVNULL)
+        done = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not done.wait(0.2):
+                peak = max(peak, _tree_rss(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        output, _ = proc.communicate()
+        seconds = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        if proc.returncode:
+            raise RuntimeError(f"featx run failed ({proc.returncode}):\n{output[-3000:]}")
+        results = json.loads((work / "out" / "results.json").read_text())
+        best = results["best"]
+        return {
+            "entry": results["entry"]["path"],
+            "seconds": seconds, "peak_rss_bytes": peak, "probe_seconds": results["seconds"],
+            "best": {k: best[k] for k in ("layer", "head", "params", "test_top1", "test_top1_ci")},
+            "layers": list(dict.fromkeys(r["layer"] for r in results["rows"])),
+            "table": {f"{r['layer']}/{r['head']}": r["test_top1"] for r in results["rows"]},
+            "cell_seconds": {f"{r['layer']}/{r['head']}": r["fit_seconds"] for r in results["rows"]},
+            "protocol": {k: results["protocol"].get(k) for k in ("device", "engines", "selection_rows", "jobs")},
+            "output_tail": output[-1500:],
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def case_run_vs_floor(run, cache_dir: str, limit: int | None = None) -> dict:
+    from .bench_floor import floor
+
+    n = limit or N_FASHION
+    base = run(floor, n, IMAGE_SIZE)
+    ours = run(featx_run, limit, cache_dir)
+    return {
+        "images": n, "image_size": IMAGE_SIZE, "floor_seconds": round(base["seconds"], 1),
+        "floor_images_per_second": round(n / base["seconds"], 1),
+        "run_seconds": round(ours["seconds"], 1), "probe_seconds": ours["probe_seconds"],
+        "ratio": round(ours["seconds"] / base["seconds"], 3), "target": "<= 3 (and peak RSS <= 3 GB)",
+        "peak_rss_gb": round(ours["peak_rss_bytes"] / 2**30, 2), "run": ours,
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from .run import isolated, machine
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=None, help="Images (default: all 70,000).")
+    parser.add_argument("--cache-dir", default="cache/bench-run", help="Emptied, then kept (default %(default)s).")
+    args = parser.parse_args()
+    print(json.dumps({"machine": machine(), "run_vs_floor": case_run_vs_floor(isolated, args.cache_dir, args.limit)},
+                     indent=2, sort_keys=True))

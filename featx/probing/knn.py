@@ -1,0 +1,372 @@
+"""Cosine k-NN on a torch device with scikit-learn's exact answers.
+
+scikit-learn's brute-force cosine k-NN computes every query-to-training distance in float64
+and partially sorts each row of that matrix (about 30 s for 10,000 queries against 60,000 rows
+of 448 features on 2 cores; ``benchmarks/bench_knn.py``). Here a float32 product on the device
+(CUDA, or numpy's BLAS on the CPU) and torch's ``topk`` find each query's ``k + margin`` most
+similar training rows, and scikit-learn's float64 distances (its own ``normalize``, the same
+BLAS product) decide wherever float32 could be wrong, so neighbours and votes are scikit-learn's:
+
+* a proven bound on the float32 error says which candidates float64 could put in another
+  order; where such a group straddles a requested k-th place, its members are ranked by their
+  float64 distances. The same bound shows that no training row outside the candidates can be
+  as near as the k-th neighbour;
+* a query the bound cannot clear, and a query whose answer depends on how scikit-learn orders
+  *equal* float64 distances, is answered by scikit-learn itself. scikit-learn orders equal
+  distances with ``np.argpartition`` and then ``np.argsort`` of the whole distance row: not by
+  training row, nor by any rule that a few candidates could reproduce;
+* votes have uniform weights, and a tie between classes goes to the lowest index in
+  ``classes_``, as in scikit-learn's ``predict`` (``scipy.stats.mode``) and ``predict_proba``.
+
+The answers are those of scikit-learn on float64 data: float32 input is widened to float64
+(exactly). scikit-learn given float32 features ranks by float32 distances and may differ on
+near-ties; :meth:`CosineKNeighborsClassifier.to_sklearn` keeps the training rows in float64,
+so the exported model computes in float64 whatever it is given. On data where *different*
+rows tie in exact arithmetic (small integer features), scikit-learn's own answers change with
+the number of queries per call and the BLAS thread count (rounding decides), and the engine's
+can differ from any one call's.
+
+torch is imported inside functions only: ``import featx.probing`` stays torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+from sklearn.preprocessing import normalize
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+
+from .engines import resolve_torch_device
+
+#: float32 similarities held per block of query rows when ``block_rows`` is None (on 2 cores, 64 MB
+#: blocks were 20% faster than 256 MB ones)
+BLOCK_BYTES = 64 * 2**20
+#: OpenBLAS's double-precision kernel takes query rows four at a time; ranking candidates in full
+#: groups of four rounds every product as scikit-learn's one large product does
+_GEMM_ROWS = 4
+
+
+def _margin(k: int) -> int:
+    """Extra candidates per query. A query goes to scikit-learn only when its k-th and last float32
+    similarities are within twice the float32 error bound (1.1e-4 for 448 features)."""
+    return 8 + k // 4
+
+
+class CosineKNeighborsClassifier(ClassifierMixin, BaseEstimator):
+    """``KNeighborsClassifier(metric="cosine", algorithm="brute")`` with the search on a torch device.
+
+    Same neighbours, votes, probabilities and predictions as scikit-learn on float64 data,
+    including its choices between equal distances (those queries are handed to scikit-learn)
+    and its vote tie rule (the lowest class index wins).
+
+    n_neighbors : neighbours that vote, with uniform weights.
+    device : "cpu", "cuda", "cuda:N", "auto" or a ``torch.device``; where the float32 search runs
+        (on the CPU: numpy's BLAS threads for the product, torch's current thread count for the selection).
+    block_rows : query rows per similarity block; None sizes blocks to about 64 MB.
+
+    The fitted state is numpy only (``_fit_X`` in the input's float precision, no torch tensors),
+    so the estimator clones and pickles like any other; the device is looked up on every call.
+    """
+
+    def __init__(self, n_neighbors=5, device="cpu", block_rows=None):
+        self.n_neighbors = n_neighbors
+        self.device = device
+        self.block_rows = block_rows
+
+    def fit(self, X, y):
+        X, y = check_X_y(X, y, dtype=(np.float64, np.float32), order="C")
+        check_classification_targets(y)
+        _check_positive_int("n_neighbors", self.n_neighbors)
+        if self.block_rows is not None:
+            _check_positive_int("block_rows", self.block_rows)
+        resolve_torch_device(self.device)  # a bad device fails here, not at the first prediction
+        self.classes_, self._y = np.unique(y, return_inverse=True)
+        self._fit_X = X
+        self.n_features_in_ = X.shape[1]
+        self.n_samples_fit_ = X.shape[0]
+        return self
+
+    def kneighbors(self, X, n_neighbors=None, return_distance=True):
+        """Distances (float64, ascending) and training-row indices of each query's neighbours."""
+        X = self._check_queries(X)
+        k = self._check_k(self.n_neighbors if n_neighbors is None else n_neighbors)
+        ranking = _rank(self._fit_X, X, range(1, k + 1), self.device, self.block_rows)
+        dist, ind = ranking.distances(k), ranking.ind[:, :k].copy()
+        deferred = np.flatnonzero(ranking.undecided(k, whole_order=True))
+        if len(deferred):
+            dist[deferred], ind[deferred] = _sklearn_search(self._fit_X).kneighbors(X[deferred].astype(np.float64), k)
+        return (dist, ind) if return_distance else ind
+
+    def predict_proba(self, X):
+        """Neighbour counts per class divided by k; columns in ``classes_`` order."""
+        X = self._check_queries(X)
+        k = self._check_k(self.n_neighbors)
+        (counts,), _ = _vote_counts(self._fit_X, self._y, len(self.classes_), X, [k], self.device, self.block_rows)
+        return counts / k
+
+    def predict(self, X):
+        """The class with the most votes; ties go to the lowest index in ``classes_``."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def to_sklearn(self) -> KNeighborsClassifier:
+        """scikit-learn's own fitted model on the same rows (kept in float64): same predictions,
+        loads without featx or torch."""
+        check_is_fitted(self, "classes_")
+        model = KNeighborsClassifier(n_neighbors=self.n_neighbors, metric="cosine", algorithm="brute")
+        return model.fit(self._fit_X.astype(np.float64), self.classes_[self._y])
+
+    def _check_queries(self, X) -> np.ndarray:
+        check_is_fitted(self, "classes_")
+        X = check_array(X, dtype=(np.float64, np.float32), order="C")
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                             f"{self.n_features_in_} features as input.")
+        return X
+
+    def _check_k(self, k) -> int:
+        _check_positive_int("n_neighbors", k)
+        if k > self.n_samples_fit_:
+            raise ValueError(f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {k}, "
+                             f"n_samples_fit = {self.n_samples_fit_}.")
+        return int(k)
+
+
+def score_grid(X_fit, y_fit, X_val, y_val, ks: Sequence[int], device="cpu") -> list[float]:
+    """Validation accuracy for every k in ``ks`` from one search at the largest k.
+
+    Each score is what ``KNeighborsClassifier(n_neighbors=k, metric="cosine")`` fitted on the
+    float64 rows would score; a k above ``len(X_fit)`` counts as ``len(X_fit)``.
+    """
+    ks = [int(k) for k in ks]
+    model = CosineKNeighborsClassifier(n_neighbors=min(max(ks), len(X_fit)), device=device).fit(X_fit, y_fit)
+    X_val = model._check_queries(X_val)
+    ks = [min(k, model.n_samples_fit_) for k in ks]
+    counts, _ = _vote_counts(model._fit_X, model._y, len(model.classes_), X_val, ks, device, None)
+    y_val = np.asarray(y_val)
+    return [float(np.mean(model.classes_[c.argmax(axis=1)] == y_val)) for c in counts]
+
+
+# ---------------------------------------------------------------------- the search
+
+
+@dataclass
+class _Ranking:
+    """Each query's candidates in scikit-learn's distance order, wherever a requested top k depends on it."""
+
+    ind: np.ndarray  # (n, m) training rows
+    run: np.ndarray  # (n, m) consecutive candidates whose float32 order may differ from the float64 one share a run
+    dist: np.ndarray  # (n, m) float64 distances where a run had to be put in exact order; NaN elsewhere
+    certified: np.ndarray  # (n,) no training row outside the candidates is as near as the largest k-th one
+    units: tuple  # (query rows, training rows) at unit norm, for the distances kneighbors returns
+
+    def undecided(self, k: int, whole_order: bool) -> np.ndarray:
+        """Queries whose top k the candidates do not settle: not certified, or a choice among equal
+        distances at the k-th place (``whole_order``: anywhere in the top k, which orders them)."""
+        equal = (self.run[:, :-1] == self.run[:, 1:]) & (self.dist[:, :-1] == self.dist[:, 1:])
+        out = ~self.certified
+        if k < self.ind.shape[1]:
+            out |= equal[:, k - 1]
+        if whole_order and k > 1:
+            out |= np.any(equal[:, : k - 1], axis=1)
+        return out
+
+    def distances(self, k: int) -> np.ndarray:
+        return _distances(_exact_similarities(*self.units, self.ind[:, :k]))
+
+
+def _rank(fit_X: np.ndarray, X: np.ndarray, ks, device, block_rows) -> _Ranking:
+    """Candidates for every query, in exact order at each of the boundaries ``ks`` (the k-th/(k+1)-th)."""
+    k_max = max(ks)
+    fit_unit, query_unit = _unit_rows(fit_X), _unit_rows(X)
+    m = k_max + _margin(k_max)
+    if m >= len(fit_X):
+        return _rank_all(fit_unit, query_unit)
+    cand, s32, slack = _float32_candidates(fit_unit, query_unit, m, device, block_rows)
+    sims = s32.astype(np.float64)  # descending
+    # float64 can only reorder candidates less than 2 * slack apart in float32: chains of those are runs
+    run = np.zeros(cand.shape, dtype=np.int64)
+    run[:, 1:] = np.cumsum(sims[:, :-1] - sims[:, 1:] > 2 * slack, axis=1)
+    # the runs a requested boundary cuts through (boundary k: between the k-th and (k+1)-th candidates)
+    bounds = np.array(sorted({k for k in ks if k < m}), dtype=np.int64)
+    rows, which = np.nonzero(run[:, bounds - 1] == run[:, bounds])
+    cut_runs = np.zeros(cand.shape, dtype=bool)  # by run id
+    cut_runs[rows, run[rows, bounds[which] - 1]] = True
+    settle = np.take_along_axis(cut_runs, run, axis=1)
+    dist = _distances(_exact_similarities(query_unit, fit_unit, cand, settle))
+    order = np.lexsort((cand, np.where(settle, dist, 0.0), run), axis=-1)  # runs stay in place
+    # the exact k_max-th neighbour is at most as far as the float32-last member of its run can be, and a
+    # training row outside the candidates at least as far as the last candidate can be (the slack's factor
+    # of 2 also covers the rounding of these two bounds)
+    last = np.sum(run <= run[:, k_max - 1, None], axis=1) - 1
+    farthest_top = _distances(sims[np.arange(len(sims)), last] - slack)
+    nearest_outside = _distances(sims[:, -1] + slack)
+    return _Ranking(np.take_along_axis(cand, order, axis=1), run, np.take_along_axis(dist, order, axis=1),
+                    farthest_top < nearest_outside, (query_unit, fit_unit))
+
+
+def _rank_all(fit_unit: np.ndarray, query_unit: np.ndarray) -> _Ranking:
+    """Every training row is a candidate: all distances exact, equal distances share a run."""
+    cand = np.broadcast_to(np.arange(len(fit_unit)), (len(query_unit), len(fit_unit)))
+    dist = _distances(_exact_similarities(query_unit, fit_unit, cand))
+    order = np.lexsort((cand, dist), axis=-1)
+    dist = np.take_along_axis(dist, order, axis=1)
+    run = np.zeros(dist.shape, dtype=np.int64)
+    run[:, 1:] = np.cumsum(dist[:, 1:] != dist[:, :-1], axis=1)
+    return _Ranking(np.take_along_axis(cand, order, axis=1), run, dist, np.ones(len(dist), dtype=bool),
+                    (query_unit, fit_unit))
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm in float64 by scikit-learn's own ``normalize`` (zero rows stay zero)."""
+    return normalize(X.astype(np.float64), copy=False)
+
+
+def _distances(sims: np.ndarray) -> np.ndarray:
+    """cosine_distances from similarities, as scikit-learn rounds them: S *= -1; S += 1; clip to [0, 2]."""
+    return np.clip(-sims + 1.0, 0.0, 2.0)
+
+
+def _float32_candidates(fit_unit, query_unit, m: int, device, block_rows) -> tuple[np.ndarray, np.ndarray, float]:
+    """The m training rows of largest float32 similarity per query, those similarities (descending), and
+    a bound on their error.
+
+    On the CPU the product is numpy's, into one reused buffer (OpenBLAS, held to ``threadpoolctl``
+    limits like the rest of the probe; 1.6x torch's MKL on a 2-core AMD EPYC, and a fresh 256 MB
+    result per block cost another 40% in page faults), and the selection is torch's ``topk`` (3x
+    ``np.argpartition``). On CUDA both are torch's, in IEEE float32 (TF32 is switched off meanwhile).
+    """
+    import torch
+
+    dev = resolve_torch_device(device)
+    n = len(query_unit)
+    block = min(n, block_rows or max(1, BLOCK_BYTES // (4 * len(fit_unit))))
+    cand = np.empty((n, m), dtype=np.int64)
+    sims = np.empty((n, m), dtype=np.float32)
+    fit32 = fit_unit.astype(np.float32)
+    with torch.inference_mode(), _ieee_float32_matmul(dev):
+        slack = _float32_error(fit_unit.shape[1], _matmul_input_rounding(dev))
+        if dev.type == "cpu":
+            buffer = np.empty((block, len(fit32)), dtype=np.float32)
+        else:
+            train = torch.from_numpy(fit32).to(dev)
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            queries = query_unit[start:stop].astype(np.float32)
+            if dev.type == "cpu":
+                block_sims = torch.from_numpy(np.matmul(queries, fit32.T, out=buffer[: stop - start]))
+            else:
+                block_sims = torch.mm(torch.from_numpy(queries).to(dev), train.T)
+            values, rows = torch.topk(block_sims, m, dim=1, sorted=True)
+            cand[start:stop] = rows.cpu().numpy()
+            sims[start:stop] = values.cpu().numpy()
+    return cand, sims, slack
+
+
+def _float32_error(n_features: int, input_rounding: float) -> float:
+    """Bound on |float32 similarity - float64 similarity| for unit rows of ``n_features``.
+
+    Rounding each coordinate to float32 (and then to ``input_rounding``, the unit roundoff of
+    what the matmul rounds its inputs to) moves a product of unit rows by at most 2u; a float32
+    dot product of d terms adds at most about d * 2**-24 in any summation order. Doubled for
+    safety: a loose bound only sends a few more queries to scikit-learn.
+    """
+    unit = 2.0**-24
+    inputs = unit + input_rounding
+    return 2 * (2.01 * inputs + 1.01 * (n_features + 2) * unit) + 1e-12
+
+
+@contextlib.contextmanager
+def _ieee_float32_matmul(device):
+    """torch's CUDA float32 matmuls in full float32 meanwhile (TF32 would need a 40x looser bound)."""
+    import torch
+
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _matmul_input_rounding(device) -> float:
+    """Unit roundoff of the format a float32 matmul on ``device`` rounds its inputs to (0: none).
+    The CPU product is numpy's, always float32."""
+    import torch
+
+    if device.type != "cuda":
+        return 0.0
+    names = {torch.get_float32_matmul_precision(), str(getattr(torch.backends.cuda.matmul, "fp32_precision", "")),
+             "tf32" if torch.backends.cuda.matmul.allow_tf32 else ""}
+    if names & {"medium", "bf16"}:
+        return 2.0**-8
+    if names & {"high", "tf32"}:
+        return 2.0**-11
+    return 0.0
+
+
+def _exact_similarities(query_unit: np.ndarray, fit_unit: np.ndarray, cand: np.ndarray,
+                        wanted: np.ndarray | None = None) -> np.ndarray:
+    """Float64 similarity of each query to its candidates (where ``wanted``; NaN elsewhere), rounded
+    as in scikit-learn's one large BLAS product: queries go through it in full groups of four."""
+    from threadpoolctl import threadpool_limits
+
+    wanted = np.ones(cand.shape, dtype=bool) if wanted is None else wanted
+    out = np.full(cand.shape, np.nan)
+    active = np.flatnonzero(wanted.any(axis=1))
+    with threadpool_limits(limits=1, user_api="blas"):  # products this small only lose time to a second thread
+        for start in range(0, len(active), _GEMM_ROWS):
+            rows = active[np.minimum(np.arange(start, start + _GEMM_ROWS), len(active) - 1)]  # short group: repeat
+            r, c = np.nonzero(wanted[rows])
+            cols, where = np.unique(cand[rows[r], c], return_inverse=True)
+            if len(cols) == 1:  # OpenBLAS hands a one-column product to gemv, which rounds differently
+                cols = np.append(cols, (cols[0] + 1) % len(fit_unit))
+            out[rows[r], c] = (query_unit[rows] @ fit_unit[cols].T)[r, where]
+    return out
+
+
+def _sklearn_search(fit_X: np.ndarray) -> NearestNeighbors:
+    """scikit-learn's own float64 search, for the queries the candidates cannot settle."""
+    return NearestNeighbors(metric="cosine", algorithm="brute").fit(fit_X.astype(np.float64))
+
+
+def _vote_counts(fit_X, y_index, n_classes: int, X, ks: Sequence[int], device, block_rows):
+    """Neighbour counts per class, (n, n_classes) for every k, from one ranking at the largest k;
+    and how many queries scikit-learn answered at each k."""
+    ranking = _rank(fit_X, X, ks, device, block_rows)
+    labels = y_index[ranking.ind[:, : max(ks)]]
+    counts, deferred, search = [], [], None
+    for k in ks:
+        chosen = labels[:, :k].copy()
+        rows = np.flatnonzero(ranking.undecided(k, whole_order=False))
+        if len(rows):
+            if search is None:
+                search = _sklearn_search(fit_X)
+            chosen[rows] = y_index[search.kneighbors(X[rows].astype(np.float64), k, return_distance=False)]
+        counts.append(_count(chosen, n_classes))
+        deferred.append(len(rows))
+    return counts, deferred
+
+
+def _count(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    n = len(labels)
+    flat = (np.arange(n)[:, None] * n_classes + labels).ravel()
+    return np.bincount(flat, minlength=n * n_classes).reshape(n, n_classes)
+
+
+# ---------------------------------------------------------------------- devices
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
