@@ -10,7 +10,8 @@ already resized in memory, so that the floor holds no decoding and no per-image 
 
 Every measurement runs in a fresh process, the variants interleaved; the ratios are of the
 fastest run of each. ``ratio`` compares whole calls (model construction included on both
-sides); ``loop_ratio`` compares the batch loops alone.
+sides); ``loop_ratio`` compares the batch loops alone; ``cpu_ratio`` compares the CPU time of
+whole calls, which other work on a busy machine disturbs less than wall time.
 
 Standalone: ``python -m benchmarks.bench_floor [--quick]`` prints the result as JSON.
 """
@@ -46,7 +47,7 @@ def floor(n: int, image_size: int) -> dict:
     pre = info.preprocessing.override(image_size)
     images = torch.stack([pre.pil_to_uint8(source.image(i)) for i in range(len(source))])  # contiguous
     with _runtime.cpu_settings(dev, workers=0):  # what featx uses for an in-memory dataset
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         net = build_model(info, image_size=pre.crop_size).eval().to(memory_format=torch.channels_last)
         bs = default_batch_size(dev, pre.crop_size)
         normalise = pre.normalizer(dev.torch_device)
@@ -55,10 +56,10 @@ def floor(n: int, image_size: int) -> dict:
             t_loop = time.perf_counter()
             for start in range(0, n, bs):
                 net(normalise(images[start:start + bs]).contiguous(memory_format=torch.channels_last))
-        end = time.perf_counter()
+        end, cpu = time.perf_counter(), time.process_time() - cpu0
         threads = torch.get_num_threads()
-    return {"seconds": end - t0, "loop_seconds": end - t_loop, "images_per_second": n / (end - t_loop),
-            "batch_size": bs, "threads": threads}
+    return {"seconds": end - t0, "loop_seconds": end - t_loop, "cpu_seconds": cpu,
+            "images_per_second": n / (end - t_loop), "batch_size": bs, "threads": threads}
 
 
 def extract(n: int, image_size: int, engine: str) -> dict:
@@ -69,16 +70,20 @@ def extract(n: int, image_size: int, engine: str) -> dict:
     source = _source(n)
     cache_dir = tempfile.mkdtemp(prefix="featx-floor-")
     try:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         entry = featx_extract(source, MODEL, image_size=image_size, cache_dir=cache_dir, progress=False,
                               resize_engine=engine, **RUN_DEFAULTS)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         assert entry.last_run.forward_pass
-        return {"seconds": seconds, "loop_seconds": entry.last_run.seconds,
+        return {"seconds": seconds, "loop_seconds": entry.last_run.seconds, "cpu_seconds": cpu,
                 "images_per_second": n / seconds, "layers": entry.layer_names,
                 "resize_engine": entry.config["preprocessing"].get("resize_engine", "pil")}
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _least(runs: list[dict], field: str) -> float:
+    return min(r[field] for r in runs)
 
 
 def case_floor(run, n: int, image_size: int, repeats: int = 2) -> dict:
@@ -98,6 +103,8 @@ def case_floor(run, n: int, image_size: int, repeats: int = 2) -> dict:
         "extract_images_per_second": {e: round(r["images_per_second"], 1) for e, r in best.items()},
         "ratio": ratios["tensor"], "ratio_by_engine": ratios,
         "loop_ratio_by_engine": {e: round(r["loop_seconds"] / base["loop_seconds"], 3) for e, r in best.items()},
+        "cpu_ratio_by_engine": {e: round(_least(runs, "cpu_seconds") / _least(floors, "cpu_seconds"), 3)
+                                for e, runs in extracts.items()},
         "speedup_over_pil": round(best["pil"]["seconds"] / best["tensor"]["seconds"], 3),
         "target": "<= 1.10", "auto_layers": best["tensor"]["layers"],
         "floor_runs": floors, "extract_runs": extracts,
