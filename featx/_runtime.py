@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MALLOC_LIMIT = 2**31 - 1  # mallopt() takes an int
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 _malloc_tuned = False
 
 
@@ -62,6 +63,23 @@ def tune_malloc() -> bool:
     _malloc_tuned = ok
     log.debug("glibc malloc tuning %s", "active" if ok else "refused")
     return ok
+
+
+def restore_malloc() -> None:
+    """Undo ``tune_malloc`` and hand the heap's free pages back to the kernel: the kept buffers
+    speed up forward passes, but a process that goes on to probe (``featx run``) would hold
+    them, about a GB, for the rest of its life."""
+    global _malloc_tuned
+    if not _malloc_tuned:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+    _malloc_tuned = False
 
 
 @dataclass(frozen=True)
@@ -162,16 +180,18 @@ def default_workers(device: Device, in_memory: bool, cores: int | None = None) -
 @contextlib.contextmanager
 def cpu_settings(device: Device, workers: int, cores: int | None = None):
     """On CPU: intra-op threads that fit beside ``workers`` loader processes on ``cores``, and
-    glibc's allocator tuned; the previous thread count is restored afterwards. CUDA: untouched."""
+    glibc's allocator tuned; both are restored afterwards. CUDA: untouched."""
     if device.is_cuda:
         yield
         return
     import torch
 
     previous = torch.get_num_threads()
-    tune_malloc()
+    tuned_here = not _malloc_tuned and tune_malloc()
     configure_threads(plan_cpu_threads(workers, cores))
     try:
         yield
     finally:
         configure_threads(previous)
+        if tuned_here:
+            restore_malloc()

@@ -10,22 +10,22 @@ import os
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_getattr
-from .backbones.ladder import trace_ladder
-from .backbones.registry import DEFAULT_MODEL, ModelListing, build_model, describe_model, list_models, parse_model
+from .backbones import DEFAULT_MODEL
 from .cache.entry import FeatureEntry, Features
 from .cache.store import CacheStore
-from .extraction import extract
 from .layer import Ladder
 from .probing.protocol import SELECTION_ROWS
 
 if TYPE_CHECKING:  # imported on first use, see __getattr__
+    from .backbones.registry import ModelListing
+    from .extraction import extract
     from .finetuning import finetune
     from .probing import ProbeResults, probe
 
 __all__ = ["extract", "load_features", "cache_gc", "layers", "models", "open_entry", "probe", "run", "finetune"]
 
 __getattr__ = lazy_getattr(globals(), {"probe": ".probing", "ProbeResults": ".probing",
-                                      "finetune": ".finetuning"})
+                                      "finetune": ".finetuning", "extract": ".extraction"})
 
 
 def open_entry(entry, cache_dir: str | os.PathLike | None = None) -> FeatureEntry:
@@ -51,6 +51,9 @@ def layers(model: str = DEFAULT_MODEL, *, image_size: int | None = None, arch: s
     The ladder depends on the architecture and input size only, so it is traced on a randomly
     initialised copy: nothing is downloaded.
     """
+    from .backbones.ladder import trace_ladder
+    from .backbones.registry import build_model, describe_model, parse_model
+
     spec = parse_model(model, arch=arch)
     if spec.source != "finetuned":
         spec = parse_model(model, weights="none", arch=arch) if not model.startswith("file:") else \
@@ -62,6 +65,8 @@ def layers(model: str = DEFAULT_MODEL, *, image_size: int | None = None, arch: s
 
 def models(pattern: str | None = None) -> list[ModelListing]:
     """Models featx can load, filtered by a glob such as ``'timm:*convnext*'``."""
+    from .backbones.registry import list_models
+
     return list_models(pattern)
 
 
@@ -103,6 +108,7 @@ def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=Non
     Returns the :class:`~featx.probing.ProbeResults` of the probe.
     """
     from ._resultdir import PROBE, check_target
+    from .extraction import extract
     from .probing import probe
 
     if out_dir:

@@ -299,7 +299,6 @@ def probe(
 ) -> None:
     """Compare scikit-learn heads on every cached layer: where are the classes best decodable?"""
     from ._resultdir import PROBE, check_target
-    from .api import extract as run_extract
     from .api import probe as run_probe
 
     if out_dir is not None:
@@ -307,6 +306,7 @@ def probe(
     entry = target
     if model is not None or not _looks_like_entry(target):
         from .api import check_probe_data
+        from .api import extract as run_extract
 
         source = check_probe_data(target, limit=limit, seed=seed, cv=cv, data_root=data_root,
                                   hash_content=hash_content)  # a short split is refused before extracting

@@ -75,3 +75,22 @@ def run_python(code: str, env: dict | None = None, timeout: float = 600) -> subp
 
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+def noisy_copy(entry, rows, folder: Path, rng, scale: float = 50.0) -> Path:
+    """A copy of a cache entry in ``folder`` whose ``rows`` are noise in every layer (written
+    through h5py, so checksums stay valid: the probe reads it as it would any entry)."""
+    import shutil
+
+    import h5py
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / entry.path.name
+    shutil.copy(entry.path, path)
+    rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+    with h5py.File(path, "r+") as f:
+        for name in entry.layer_names:
+            ds = f["layers"][name]
+            ds[rows] = (rng.normal(size=(len(rows), ds.shape[1])) * scale).astype(ds.dtype)
+    return path
+

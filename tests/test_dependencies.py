@@ -197,6 +197,32 @@ def test_storage_probing_reporting_load_without_torch():
 
 @pytest.mark.slow
 @pytest.mark.subprocess
+def test_probe_of_a_cache_entry_loads_no_torch_on_a_cpu_machine(tmp_path):
+    """``featx probe ENTRY`` reads features only: on a machine without a GPU driver its process
+    never imports torch (its CUDA libraries alone map about 600 MB), unless a torch head runs."""
+    import featx
+    from featx.probing.engines import GPU_DRIVER_PATHS
+
+    from .conftest import TINY, make_folder
+
+    if any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
+        pytest.skip("a GPU driver is present: device auto asks torch")
+    images = make_folder(tmp_path / "imgs", n_per_class=20, classes=("a", "b", "c"))
+    path = featx.extract(f"folder:{images}", layers="pre_logits", cache_dir=tmp_path / "cache", **TINY).path
+    code = (
+        "import json, sys\n"
+        "from featx.cli import app\n"
+        "try:\n"
+        f"    app(['probe', {str(path)!r}, '--heads', 'logreg', '--jobs', '1', '--no-plots', '--out',"
+        f" {str(tmp_path / 'out')!r}], standalone_mode=False)\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
+    assert _fresh_python(code) == []
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
 def test_cache_commands_do_not_load_torch(tmp_path):
     """``featx cache ls`` and ``cache gc --dry-run`` run the real command, then look at what it loaded."""
     code = (

@@ -14,7 +14,7 @@ from featx.probing import assign_splits, validation_folds
 from featx.probing.heads import HEADS, knn_score_grid
 from featx.probing.protocol import Splits
 
-from .conftest import TINY, make_folder
+from .conftest import TINY, make_folder, noisy_copy
 
 FAST = "logreg,knn"
 
@@ -64,17 +64,9 @@ def test_test_split_never_influences_selection(entry, tmp_path, monkeypatch):
     rng = np.random.default_rng(7)
     scrambled_labels = s["label"].copy()
     scrambled_labels[test] = rng.permutation(scrambled_labels[test])[::-1]
-    real_load = type(entry).load
-
-    def tampered_load(self, layer, include_bad=False):
-        f = real_load(self, layer, include_bad)
-        t = f.split == "test"
-        f.X[t] = rng.normal(size=f.X[t].shape).astype(np.float32) * 100
-        return f
-
+    noisy = noisy_copy(entry, test, tmp_path / "noisy", rng, scale=100.0)
     monkeypatch.setattr(type(entry), "samples", lambda self: {**s, "label": scrambled_labels})
-    monkeypatch.setattr(type(entry), "load", tampered_load)
-    tampered = featx.probe(entry, heads=FAST, out_dir=False, progress=False, jobs=1)
+    tampered = featx.probe(noisy, heads=FAST, out_dir=False, progress=False, jobs=1)
     for a, b in zip(base.rows, tampered.rows):
         assert (a["layer"], a["head"]) == (b["layer"], b["head"])
         assert a["params"] == b["params"] and a["grid"] == b["grid"] and a["val_top1"] == b["val_top1"]
@@ -186,17 +178,23 @@ def test_unlabelled_single_class_and_non_finite_entries_are_data_errors(tmp_path
 
 
 def test_non_finite_features_are_refused_and_nothing_is_written(entry, tmp_path, monkeypatch):
-    real_load = type(entry).load
+    import shutil
+    import tempfile
 
-    def with_inf(self, layer, include_bad=False):
-        f = real_load(self, layer, include_bad)
-        f.X[0, 0] = math.inf
-        return f
+    import h5py
 
-    monkeypatch.setattr(type(entry), "load", with_inf)
-    with pytest.raises(DataError, match="non-finite.*--dtype float32"):
-        featx.probe(entry, heads=FAST, out_dir=tmp_path / "out", progress=False, jobs=1)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the workers' shared layers go
+    (tmp_path / "tmp").mkdir()
+
+    damaged = tmp_path / "cache" / entry.path.name
+    damaged.parent.mkdir()
+    shutil.copy(entry.path, damaged)
+    with h5py.File(damaged, "r+") as f:  # an overflow, as float16 storage of huge activations gives
+        f["layers"][entry.layer_names[-1]][3, 0] = math.inf
+    with pytest.raises(DataError, match=r"1 non-finite values.*--dtype float32"):
+        featx.probe(damaged, heads=FAST, out_dir=tmp_path / "out", progress=False, jobs=1)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
+    assert not list((tmp_path / "tmp").iterdir())  # the shared layer files are gone too
 
 
 def test_splits_object_describes_itself():

@@ -26,7 +26,6 @@ from .weights import check_and_load, lukemelas_to_timm, read_state_dict
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: seed of the random initialisation used by ``--weights none`` (part of the cache key)

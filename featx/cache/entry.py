@@ -53,6 +53,7 @@ ENCODING_TYPE = "featx-features"
 ENCODING_VERSION = "2"
 STR = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 1 << 20
+READ_BYTES = 32 << 20  # rows read at a time when a layer is loaded or streamed
 
 
 @dataclass
@@ -258,13 +259,33 @@ class FeatureEntry:
         record = self.layer(layer)
         s = self.samples()
         keep = np.ones(self.n_samples, dtype=bool) if include_bad else s["ok"]
-        with self._open() as f:
-            try:
-                X = f["layers"][record.name][()]
-            except OSError as exc:  # fletcher32 mismatch or a truncated chunk, or the disk failed
-                raise read_failure(self.path, exc, f"layer {record.name} failed its checksum") from exc
-        X = np.asarray(X[keep], dtype=np.float32)
+        X = np.empty((int(keep.sum()), record.width), dtype=np.float32)
+        for start, chunk in self.iter_rows(record.name, keep):
+            X[start:start + len(chunk)] = chunk
         return Features(X, s["label"][keep], s["id"][keep], s["split"][keep], record, list(self.classes))
+
+    def iter_rows(self, layer: str, keep: np.ndarray | None = None, chunk_bytes: int = READ_BYTES):
+        """``(position, float32 rows)`` of ``layer`` in order, ``keep``'s rows only (default: all):
+        a layer larger than memory is read a few MB at a time, and never as a whole plus a copy."""
+        record = self.layer(layer)
+        keep = np.ones(self.n_samples, dtype=bool) if keep is None else keep
+        position = 0
+        with self._open() as f:
+            ds = f["layers"][record.name]
+            step = max(1, chunk_bytes // max(1, ds.shape[1] * ds.dtype.itemsize))
+            if ds.chunks:  # whole HDF5 chunks, each decompressed and checksummed once
+                step = max(ds.chunks[0], step // ds.chunks[0] * ds.chunks[0])
+            for start in range(0, ds.shape[0], step):
+                wanted = keep[start:start + step]
+                if not wanted.any():
+                    continue
+                try:
+                    rows = ds[start:start + step]
+                except OSError as exc:  # fletcher32 mismatch or a truncated chunk, or the disk failed
+                    raise read_failure(self.path, exc, f"layer {record.name} failed its checksum") from exc
+                rows = np.asarray(rows if wanted.all() else rows[wanted], dtype=np.float32)
+                yield position, rows
+                position += len(rows)
 
     def verify(self) -> None:
         """Read every dataset so that every checksum is checked."""

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from .. import __version__
 from .._runtime import resolve_device
+from ..backbones import DEFAULT_MODEL
 from ..backbones.ladder import trace_ladder
-from ..backbones.registry import DEFAULT_MODEL, build_model, describe_model, parse_model
+from ..backbones.registry import build_model, describe_model, parse_model
 from ..cache.entry import FeatureEntry
 from ..cache.key import config_key
 from ..cache.partial import PartialRun

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -27,6 +28,8 @@ def resolve_device(device) -> str:
     """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; other values are checked."""
     text = str(device if device is not None else "auto").strip().lower()
     if text == "auto":
+        if "torch" not in sys.modules and not _gpu_driver_present():
+            return "cpu"  # without importing torch: its CUDA libraries alone map about 600 MB
         try:
             import torch
         except ImportError:
@@ -40,6 +43,16 @@ def resolve_device(device) -> str:
                 raise UsageError(f"--device {text}: no CUDA device is visible to torch. Valid here: auto, cpu.")
         return text
     raise UsageError(f"Unknown device {device!r}. Valid: {', '.join(DEVICES)}.")
+
+
+#: device nodes of the NVIDIA and ROCm kernel drivers; torch sees no GPU without one of them
+GPU_DRIVER_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/kfd")
+
+
+def _gpu_driver_present() -> bool:
+    if not sys.platform.startswith("linux"):
+        return True  # no cheap test elsewhere: ask torch
+    return any(os.path.exists(p) for p in GPU_DRIVER_PATHS)
 
 
 def device_type(device: str) -> str:

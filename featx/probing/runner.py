@@ -9,7 +9,6 @@ and parallel runs give the same numbers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ from .._resultdir import PROBE, check_target
 from .._runtime import available_cores
 from ..cache.entry import FeatureEntry
 from ..cache.store import CacheStore
-from ..errors import DataError, UnknownLayerError, UsageError
+from ..errors import UnknownLayerError, UsageError
 from ..evaluation import val_score
 from ..layer import Ladder
 from .engines import portable, resolve_device
@@ -41,6 +40,7 @@ from .protocol import (
     selection_folds,
     selection_method,
 )
+from .shared import SharedLayers
 from .stream import stream_cell
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def probe(
 
         if best_cell.model is None:  # k-NN models hold their training data: refit here, not shipped back
             head = next(h for h in head_list if h.name == best_cell.row["head"])
-            X = _load_layer(entry, entry.layer(best_cell.row["layer"]))
+            X = entry.load(best_cell.row["layer"]).X
             best_cell.model = portable(head.pipeline(len(splits.train), seed, best_cell.row["params"], device).fit(
                 X[splits.train], y[splits.train]))
 
@@ -238,17 +238,6 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:.0f} MB"
 
 
-def _load_layer(entry: FeatureEntry, record) -> np.ndarray:
-    X = entry.load(record.name).X
-    bad = ~np.isfinite(X)
-    if bad.any():
-        raise DataError(
-            f"Layer {record.name} holds {int(bad.sum())} non-finite values (NaN or inf); its features cannot be "
-            "probed. Re-extract it with --dtype float32, or leave the layer out with --layers."
-        )
-    return X
-
-
 def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, jobs, backend, scheduler,
               progress, device: str = "cpu") -> list[CellResult]:
     if not records:
@@ -257,11 +246,15 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
 
     seen: dict[str, str] = {}  # digest of a layer's features -> first layer with them
     duplicates: dict[str, str] = {}
+    shared = SharedLayers()
+    remote = backend == "dask" and scheduler is not None  # workers elsewhere cannot read this machine's files
+    keep = entry.samples()["ok"]
 
     def tasks():
         for r in records:
-            X = _load_layer(entry, r)  # once per layer, shared by all its heads
-            digest = hashlib.sha1(X.view(np.uint8)).hexdigest()
+            X, digest = shared.add(entry, r, keep)  # once per layer, read by all its cells
+            if remote:
+                X = X.load()
             if digest in seen:  # e.g. the last map average-pooled is exactly pre_logits: probe it once
                 duplicates[r.name] = seen[digest]
                 continue
@@ -299,6 +292,7 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
         bar.close()
         if client is not None:
             client.close()
+        shared.close()
 
 
 def _dask_client(scheduler: str | None, jobs: int):
