@@ -4,11 +4,14 @@ Both score the k-NN head's grid the way the probe does (one neighbour search at 
 k, every k voted from it), on the same standardised float32 features, with the same thread
 budget, each in a fresh process in the same run. scikit-learn is timed on float32 input (what
 the probe passes it today: float32 distances) and on float64 input (the answers the engine
-reproduces). Reported: the speed ratios, and how many predictions differ from each.
+reproduces). Reported per thread budget and repetition (ratios only mean something within one
+repetition: the machine may be shared): the seconds, the speed ratios, how many predictions
+differ from each, and how many queries the engine handed to scikit-learn at each k.
 
-Features: a featx cache entry (the train rows are searched, the test rows are the queries) or,
-without one, a synthetic clustered set of 60,000 x 448 float32 rows in 10 classes and 10,000
-queries. ``python -m benchmarks.bench_knn [--entry PATH] [--quick]`` runs it alone.
+Features: one layer of a featx cache entry (the train rows are searched, the test rows are the
+queries) or, without one, a synthetic clustered set of 60,000 x 448 float32 rows in 10 classes
+and 10,000 queries. ``python -m benchmarks.bench_knn [--entry PATH [--layer NAME]] [--threads 1 2]
+[--repeat 2] [--quick]`` runs it alone.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def sklearn_grid(path: str, ks, dtype: str, threads: int) -> dict:
 
 
 def engine_grid(path: str, ks, threads: int, device: str) -> dict:
-    """featx.probing.knn.score_grid, timed; then the same votes again for the predictions."""
+    """featx.probing.knn.grid_predictions, timed: all that score_grid does but the accuracy."""
     t0 = time.perf_counter()
     import torch
 
@@ -107,37 +110,64 @@ def engine_grid(path: str, ks, threads: int, device: str) -> dict:
     X_fit, y_fit, X_query, y_query, _ = _load(path, np.float32)
     with threadpool_limits(limits=threads):
         t0 = time.perf_counter()
-        scores = knn.score_grid(X_fit, y_fit, X_query, y_query, ks, device=device)
+        predictions, deferred = knn.grid_predictions(X_fit, y_fit, X_query, ks, device=device)
         seconds = time.perf_counter() - t0
-        model = knn.CosineKNeighborsClassifier(n_neighbors=max(ks), device=device).fit(X_fit, y_fit)
-        counts, deferred = knn._vote_counts(model._fit_X, model._y, len(model.classes_), X_query, ks, device, None)
-    predictions = np.array([model.classes_[c.argmax(axis=1)] for c in counts])
-    return {"seconds": seconds, "predictions": predictions, "scores": scores, "deferred_queries": deferred,
+    scores = [float(np.mean(p == y_query)) for p in predictions]
+    return {"seconds": seconds, "predictions": np.array(predictions), "scores": scores, "deferred_queries": deferred,
             "torch_import_seconds": torch_import}
 
 
 def case_knn(run, entry_path: str | None = None, ks=KS, threads: int = 2, device: str = "cpu",
-             n_fit: int = 60_000, n_query: int = 10_000) -> dict:
+             n_fit: int = 60_000, n_query: int = 10_000, layer: str | None = None) -> dict:
+    """One comparison at one thread budget (``benchmarks.run``'s k-NN suite)."""
+    result = case_knn_runs(run, entry_path, layer, ks, (threads,), 1, device, n_fit, n_query)
+    return {key: value for key, value in result.items() if key != "runs"} | result["runs"][0]
+
+
+def case_knn_runs(run, entry_path: str | None = None, layer: str | None = None, ks=KS, threads=(1, 2),
+                  repeat: int = 2, device: str = "cpu", n_fit: int = 60_000, n_query: int = 10_000) -> dict:
+    """``repeat`` comparisons at each thread budget, on features prepared once."""
     out_dir = tempfile.mkdtemp(prefix="featx-bench-knn-")
     try:
         if entry_path:
-            path = run(entry_features, out_dir, entry_path)
+            path = run(entry_features, out_dir, entry_path, layer)
         else:
             path = run(synthetic_features, out_dir, n_fit, n_query)
         meta = _load(path, np.float32)[-1]
-        sk32 = run(sklearn_grid, path, ks, "float32", threads)
-        sk64 = run(sklearn_grid, path, ks, "float64", threads)
-        ours = run(engine_grid, path, ks, threads, device)
+        runs = [_compare(run, path, ks, n_threads, device) for n_threads in threads for _ in range(repeat)]
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+    return {"features": "entry" if entry_path else "synthetic", "entry": entry_path, **meta, "ks": list(ks),
+            "device": device, "summary": _summary(runs, ks), "runs": runs}
+
+
+def _summary(runs: list[dict], ks) -> dict:
+    """Per thread budget, each repetition's ratios (never mixed across repetitions) and what all of them share."""
+    out = {}
+    for n_threads in dict.fromkeys(r["threads"] for r in runs):
+        mine = [r for r in runs if r["threads"] == n_threads]
+        out[f"{n_threads}_threads"] = {
+            "speedup_vs_float64": [round(r["speedup_vs_float64"], 2) for r in mine],
+            "speedup_vs_float32": [round(r["speedup"], 2) for r in mine],
+            "featx_seconds": [round(r["featx_seconds"], 2) for r in mine],
+            "identical_to_sklearn_float64": all(r["identical_to_sklearn_float64"] for r in mine),
+            "queries_answered_by_sklearn_at_largest_k": [r["queries_answered_by_sklearn"][str(max(ks))] for r in mine],
+        }
+    return out
+
+
+def _compare(run, path: str, ks, threads: int, device: str) -> dict:
+    """scikit-learn (float32, float64) and the engine, one after the other, each in a fresh process."""
+    sk32 = run(sklearn_grid, path, ks, "float32", threads)
+    sk64 = run(sklearn_grid, path, ks, "float64", threads)
+    ours = run(engine_grid, path, ks, threads, device)
     y = sk32["y_query"]
 
     def per_k(values):
         return {str(k): v for k, v in zip(ks, values)}
 
     return {
-        "features": "entry" if entry_path else "synthetic", "entry": entry_path, **meta, "ks": list(ks),
-        "threads": threads, "device": device,
+        "threads": threads,
         "sklearn_float32_seconds": sk32["seconds"], "sklearn_float64_seconds": sk64["seconds"],
         "featx_seconds": ours["seconds"], "featx_torch_import_seconds": ours["torch_import_seconds"],
         "speedup": sk32["seconds"] / ours["seconds"],
@@ -157,13 +187,18 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entry", help="A featx cache entry (.h5); default: synthetic features.")
+    parser.add_argument("--layer", help="The entry's layer to search (default: its last).")
     parser.add_argument("--quick", action="store_true", help="12,000 x 2,000 rows instead of 60,000 x 10,000.")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="Thread budgets, the same for scikit-learn and the engine (default: 1 2).")
+    parser.add_argument("--repeat", type=int, default=2, help="Comparisons per thread budget (default: 2).")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if args.layer and not args.entry:
+        parser.error("--layer needs --entry")
     sizes = (12_000, 2_000) if args.quick else (60_000, 10_000)
-    result = case_knn(isolated, args.entry, threads=args.threads, device=args.device, n_fit=sizes[0],
-                      n_query=sizes[1])
+    result = case_knn_runs(isolated, args.entry, args.layer, threads=args.threads, repeat=args.repeat,
+                           device=args.device, n_fit=sizes[0], n_query=sizes[1])
     print(json.dumps(result, indent=2))
 
 

@@ -100,10 +100,12 @@ def featx_probe_rows(entry_path: str, heads: list[str], selection_rows: int, see
             "best_test_top1": res.best["test_top1"], "selection_rows": res.protocol["selection_rows"]}
 
 
-def case_selection(run, entry_path: str, heads: list[str], sizes=(0, 10_000, 5_000)) -> dict:
+def case_selection(run, entry_path: str, heads: list[str], sizes=(0, 10_000, 5_000), measured=None) -> dict:
     """Hyper-parameters chosen on a bounded sample of the training rows against all of them (0):
-    the chosen cells, their test accuracy, and the probe time."""
+    the chosen cells, their test accuracy, and the probe time. ``measured``: {size: result} already
+    taken on this entry (e.g. by the ``featx run`` case, whose probe used the default size)."""
     out = {size: run(featx_probe_rows, entry_path, heads, size) for size in sizes}
+    out.update(measured or {})
     full = out[0]
     compared = {}
     for size, res in out.items():

@@ -101,6 +101,8 @@ def featx_run(limit: int | None, cache_dir: str, extra: list[str] = ()) -> dict:
             "best": {k: best[k] for k in ("layer", "head", "params", "test_top1", "test_top1_ci")},
             "layers": list(dict.fromkeys(r["layer"] for r in results["rows"])),
             "table": {f"{r['layer']}/{r['head']}": r["test_top1"] for r in results["rows"]},
+            "cells": {f"{r['layer']}/{r['head']}": {"params": r["params"], "test_top1": r["test_top1"],
+                                                     "val_top1": r["val_top1"]} for r in results["rows"]},
             "cell_seconds": {f"{r['layer']}/{r['head']}": r["fit_seconds"] for r in results["rows"]},
             "protocol": {k: results["protocol"].get(k) for k in ("device", "engines", "selection_rows", "jobs")},
             "output_tail": output[-1500:],

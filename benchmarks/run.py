@@ -117,9 +117,21 @@ def run_suite(quick: bool) -> dict:
     from . import bench_run as b
 
     cache = Path(__file__).resolve().parents[1] / "cache" / "bench-run"
+
+    def selection():
+        """Full selection against the run case's probe (the default bounded selection, same entry)."""
+        done = json.loads((RESULTS / "run.json").read_text())["run_vs_floor"]["run"]
+        if Path(done["entry"]).resolve() != Path(_entry_in(cache)).resolve():
+            raise RuntimeError("the run case's entry is gone: run it first")
+        best = f"{done['best']['layer']}/{done['best']['head']}"
+        ours = {"seconds": done["probe_seconds"], "cells": done["cells"], "best": best,
+                "best_test_top1": done["best"]["test_top1"], "selection_rows": done["protocol"]["selection_rows"]}
+        return p.case_selection(isolated, done["entry"], ["logreg", "knn", "mlp"], sizes=(0,),
+                                measured={ours["selection_rows"]["limit"]: ours})
+
     return {
         "run_vs_floor": lambda: b.case_run_vs_floor(isolated, str(cache), 10_000 if quick else None),
-        "selection_rows": lambda: p.case_selection(isolated, _entry_in(cache), ["logreg", "knn", "mlp"]),
+        "selection_rows": selection,
     }
 
 

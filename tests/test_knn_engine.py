@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from sklearn.base import clone
 from sklearn.metrics.pairwise import cosine_distances
 from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import normalize
 from sklearn.utils.estimator_checks import check_estimator
 
 from featx.errors import UsageError
@@ -54,6 +56,17 @@ def clustered_with_duplicates(seed=0):
     return X, y, Q
 
 
+def many_rows_with_duplicates(seed=0, n=6_005):
+    """Enough training rows for the CPU selection's full groups of 16 (6,005: the last group is short), in
+    tight clusters, a fifth of them repeated with other labels: equal float32 similarities inside the groups."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, 32))
+    X = centres[rng.integers(0, 20, n - n // 5)] + 0.3 * rng.normal(size=(n - n // 5, 32))
+    X = np.vstack([X, X[rng.integers(0, len(X), n // 5)]])[rng.permutation(n)]
+    Q = np.vstack([X[rng.integers(0, n, 60)], centres[rng.integers(0, 20, 90)] + 0.3 * rng.normal(size=(90, 32))])
+    return X, rng.integers(0, 4, n), Q
+
+
 @pytest.mark.parametrize("k", [1, 5, 17])
 def test_same_as_sklearn_on_random_float64(k):
     X, y, Q = random_data()
@@ -70,9 +83,37 @@ def test_same_as_sklearn_with_duplicate_rows_and_equal_distances(k):
     assert_same_as_sklearn(X, y, Q, k, block_rows=16)
 
 
+@pytest.mark.parametrize("k", [5, 20])
+def test_same_as_sklearn_with_full_selection_groups(k):
+    X, y, Q = many_rows_with_duplicates()
+    assert_same_as_sklearn(X, y, Q, k, block_rows=64)  # blocks of 64, 64 and 22 queries
+
+
+@pytest.mark.parametrize("n_fit", [6_005, 997])
+def test_cpu_selection_returns_the_float32_top_m(n_fit):
+    """The m largest float32 similarities of every query, equal ones included, from distinct training rows."""
+    X, _, Q = many_rows_with_duplicates(n=n_fit)
+    fit32, query32 = knn._float32_units(X), knn._float32_units(Q)
+    m = 40
+    cand, sims, _ = knn._float32_candidates(fit32, query32, m, "cpu", block_rows=64)
+    full = np.vstack([query32[i : i + 64] @ fit32.T for i in range(0, len(Q), 64)])  # BLAS rounds per block shape
+    assert np.array_equal(sims, -np.sort(-full, axis=1)[:, :m])
+    assert np.array_equal(np.take_along_axis(full, cand, axis=1), sims)
+    assert all(len(set(row)) == m for row in cand)
+
+
+def test_unit_rows_are_sklearns_normalize_rounded_to_float32(monkeypatch):
+    monkeypatch.setattr(knn, "_UNIT_CHUNK_BYTES", 8 * 24 * 7)  # seven rows at a time
+    X, _, _ = random_data(n=50, d=24)
+    X[[3, 20]] = 0.0
+    for rows in (X, X.astype(np.float32)):
+        expected = normalize(rows.astype(np.float64)).astype(np.float32)
+        assert np.array_equal(knn._float32_units(rows), expected)
+
+
 def test_queries_with_ties_are_answered_by_sklearn():
     X, y, Q = clustered_with_duplicates()
-    _, deferred = knn._vote_counts(X, y, 3, Q, [5, 8], "cpu", None)
+    _, deferred = knn._vote_counts(CosineKNeighborsClassifier().fit(X, y), Q, [5, 8])
     assert all(0 < n < len(Q) for n in deferred)
 
 
@@ -121,7 +162,9 @@ def test_clone_and_pickle_round_trip():
     assert clone(model).get_params() == model.get_params()
     assert not hasattr(clone(model), "classes_")
     assert not any(isinstance(v, torch.Tensor) for v in vars(model).values())
+    assert "_fit_unit32" not in model.__getstate__() and hasattr(model, "_fit_unit32")  # recomputed, not stored
     again = pickle.loads(pickle.dumps(model))
+    assert np.array_equal(again._fit_unit32, model._fit_unit32)
     assert np.array_equal(again.predict(Q), model.predict(Q))
 
 
@@ -162,6 +205,26 @@ def test_same_as_sklearn_on_cuda(data):
     assert_same_as_sklearn(X, y, Q, 5, device="cuda")
     assert_same_as_sklearn(X.astype(np.float32), y, Q.astype(np.float32), 8, device=torch.device("cuda"))
     assert score_grid(X, y, Q, y[: len(Q)], [1, 5, 20], device="cuda") == score_grid(X, y, Q, y[: len(Q)], [1, 5, 20])
+
+
+REAL_ENTRY = Path(__file__).resolve().parents[1] / "cache" / "bench-run" / \
+    "fashion-mnist-efficientnet_lite0-5c6a84d8cf6c93de.h5"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_ENTRY.is_file(), reason="needs the benchmark run's Fashion-MNIST entry")
+def test_score_grid_equals_sklearn_on_real_features():
+    """EfficientNet-Lite0 blocks.4 features (448 wide): 12,000 rows searched by 1,500 queries."""
+    import h5py
+
+    with h5py.File(REAL_ENTRY, "r") as f:
+        X, y = f["layers"]["blocks.4"][:13_500].astype(np.float32), f["samples/label"][:13_500]
+    X = (X - X[:12_000].mean(axis=0)) / (X[:12_000].std(axis=0) + 1e-6)
+    ks = [1, 5, 10, 20, 50]
+    predictions, deferred = knn.grid_predictions(X[:12_000], y[:12_000], X[12_000:], ks)
+    for k, ours in zip(ks, predictions):
+        assert np.array_equal(ours, sklearn_knn(X[:12_000], y[:12_000], k).predict(X[12_000:].astype(np.float64)))
+    assert len(deferred) == len(ks)
 
 
 def test_passes_sklearn_estimator_checks():

@@ -3,9 +3,9 @@
 scikit-learn's brute-force cosine k-NN computes every query-to-training distance in float64
 and partially sorts each row of that matrix (about 30 s for 10,000 queries against 60,000 rows
 of 448 features on 2 cores; ``benchmarks/bench_knn.py``). Here a float32 product on the device
-(CUDA, or numpy's BLAS on the CPU) and torch's ``topk`` find each query's ``k + margin`` most
-similar training rows, and scikit-learn's float64 distances (its own ``normalize``, the same
-BLAS product) decide wherever float32 could be wrong, so neighbours and votes are scikit-learn's:
+(CUDA, or numpy's BLAS on the CPU) finds each query's ``k + margin`` most similar training rows,
+and scikit-learn's float64 distances (its own ``normalize``, the same BLAS product) decide
+wherever float32 could be wrong, so neighbours and votes are scikit-learn's:
 
 * a proven bound on the float32 error says which candidates float64 could put in another
   order; where such a group straddles a requested k-th place, its members are ranked by their
@@ -17,6 +17,12 @@ BLAS product) decide wherever float32 could be wrong, so neighbours and votes ar
   training row, nor by any rule that a few candidates could reproduce;
 * votes have uniform weights, and a tie between classes goes to the lowest index in
   ``classes_``, as in scikit-learn's ``predict`` (``scipy.stats.mode``) and ``predict_proba``.
+
+What this costs beyond the float32 product is kept small: ``fit`` puts the training rows at unit
+norm once (float64 ``normalize``, rounded to float32); float64 unit rows are made only for the
+candidates being ranked (``normalize`` works row by row, so they are bit for bit those of the
+whole set); and on the CPU the selection reads each similarity row once, for the maxima of small
+groups of training rows, and then ranks only the members of the ``k + margin`` best groups.
 
 The answers are those of scikit-learn on float64 data: float32 input is widened to float64
 (exactly). scikit-learn given float32 features ranks by float32 distances and may differ on
@@ -45,9 +51,15 @@ from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
 from .engines import resolve_torch_device
 
-#: float32 similarities held per block of query rows when ``block_rows`` is None (on 2 cores, 64 MB
-#: blocks were 20% faster than 256 MB ones)
-BLOCK_BYTES = 64 * 2**20
+#: float32 similarities held per block of query rows when ``block_rows`` is None: OpenBLAS reads all training
+#: rows once per block, so 128 MB blocks were 5-15% faster than 64 MB ones on a 2-core AMD EPYC (256 MB: no faster)
+BLOCK_BYTES = 128 * 2**20
+#: training rows per group on the CPU: a similarity row is read once for its group maxima, and only the members
+#: of the best groups are ranked (16 float32 similarities are one 64-byte cache line of a group's maxima)
+GROUP_ROWS = 16
+#: float64 rows put at unit norm at a time: mostly in cache (a float64 copy of the whole set costs page faults),
+#: and few calls to ``normalize`` (its input checks cost about a millisecond a call)
+_UNIT_CHUNK_BYTES = 4 * 2**20
 #: OpenBLAS's double-precision kernel takes query rows four at a time; ranking candidates in full
 #: groups of four rounds every product as scikit-learn's one large product does
 _GEMM_ROWS = 4
@@ -69,10 +81,11 @@ class CosineKNeighborsClassifier(ClassifierMixin, BaseEstimator):
     n_neighbors : neighbours that vote, with uniform weights.
     device : "cpu", "cuda", "cuda:N", "auto" or a ``torch.device``; where the float32 search runs
         (on the CPU: numpy's BLAS threads for the product, torch's current thread count for the selection).
-    block_rows : query rows per similarity block; None sizes blocks to about 64 MB.
+    block_rows : query rows per similarity block; None sizes blocks to about 128 MB.
 
-    The fitted state is numpy only (``_fit_X`` in the input's float precision, no torch tensors),
-    so the estimator clones and pickles like any other; the device is looked up on every call.
+    The fitted state is numpy only (``_fit_X`` in the input's float precision and its unit rows in
+    float32, no torch tensors), so the estimator clones and pickles like any other (pickles leave the
+    unit rows out); the device is looked up on every call.
     """
 
     def __init__(self, n_neighbors=5, device="cpu", block_rows=None):
@@ -89,15 +102,26 @@ class CosineKNeighborsClassifier(ClassifierMixin, BaseEstimator):
         resolve_torch_device(self.device)  # a bad device fails here, not at the first prediction
         self.classes_, self._y = np.unique(y, return_inverse=True)
         self._fit_X = X
+        self._fit_unit32 = _float32_units(X)
         self.n_features_in_ = X.shape[1]
         self.n_samples_fit_ = X.shape[0]
         return self
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # object.__getstate__ hands over the instance's own __dict__
+        state.pop("_fit_unit32", None)  # derived from _fit_X: not worth a third of the pickle
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_fit_X" in state:
+            self._fit_unit32 = _float32_units(self._fit_X)
 
     def kneighbors(self, X, n_neighbors=None, return_distance=True):
         """Distances (float64, ascending) and training-row indices of each query's neighbours."""
         X = self._check_queries(X)
         k = self._check_k(self.n_neighbors if n_neighbors is None else n_neighbors)
-        ranking = _rank(self._fit_X, X, range(1, k + 1), self.device, self.block_rows)
+        ranking = _rank(self._fit_X, self._fit_unit32, X, range(1, k + 1), self.device, self.block_rows)
         dist, ind = ranking.distances(k), ranking.ind[:, :k].copy()
         deferred = np.flatnonzero(ranking.undecided(k, whole_order=True))
         if len(deferred):
@@ -108,7 +132,7 @@ class CosineKNeighborsClassifier(ClassifierMixin, BaseEstimator):
         """Neighbour counts per class divided by k; columns in ``classes_`` order."""
         X = self._check_queries(X)
         k = self._check_k(self.n_neighbors)
-        (counts,), _ = _vote_counts(self._fit_X, self._y, len(self.classes_), X, [k], self.device, self.block_rows)
+        (counts,), _ = _vote_counts(self, X, [k])
         return counts / k
 
     def predict(self, X):
@@ -145,13 +169,19 @@ def score_grid(X_fit, y_fit, X_val, y_val, ks: Sequence[int], device="cpu") -> l
     Each score is what ``KNeighborsClassifier(n_neighbors=k, metric="cosine")`` fitted on the
     float64 rows would score; a k above ``len(X_fit)`` counts as ``len(X_fit)``.
     """
+    predictions, _ = grid_predictions(X_fit, y_fit, X_val, ks, device)
+    y_val = np.asarray(y_val)
+    return [float(np.mean(p == y_val)) for p in predictions]
+
+
+def grid_predictions(X_fit, y_fit, X_val, ks: Sequence[int], device="cpu") -> tuple[list[np.ndarray], list[int]]:
+    """Predictions for every k in ``ks`` from one search at the largest k (as in :func:`score_grid`),
+    and how many queries scikit-learn answered at each k."""
     ks = [int(k) for k in ks]
     model = CosineKNeighborsClassifier(n_neighbors=min(max(ks), len(X_fit)), device=device).fit(X_fit, y_fit)
     X_val = model._check_queries(X_val)
-    ks = [min(k, model.n_samples_fit_) for k in ks]
-    counts, _ = _vote_counts(model._fit_X, model._y, len(model.classes_), X_val, ks, device, None)
-    y_val = np.asarray(y_val)
-    return [float(np.mean(model.classes_[c.argmax(axis=1)] == y_val)) for c in counts]
+    counts, deferred = _vote_counts(model, X_val, [min(k, model.n_samples_fit_) for k in ks])
+    return [model.classes_[c.argmax(axis=1)] for c in counts], deferred
 
 
 # ---------------------------------------------------------------------- the search
@@ -165,7 +195,7 @@ class _Ranking:
     run: np.ndarray  # (n, m) consecutive candidates whose float32 order may differ from the float64 one share a run
     dist: np.ndarray  # (n, m) float64 distances where a run had to be put in exact order; NaN elsewhere
     certified: np.ndarray  # (n,) no training row outside the candidates is as near as the largest k-th one
-    units: tuple  # (query rows, training rows) at unit norm, for the distances kneighbors returns
+    rows: tuple  # (query rows, training rows) as given, for the distances kneighbors returns
 
     def undecided(self, k: int, whole_order: bool) -> np.ndarray:
         """Queries whose top k the candidates do not settle: not certified, or a choice among equal
@@ -179,17 +209,16 @@ class _Ranking:
         return out
 
     def distances(self, k: int) -> np.ndarray:
-        return _distances(_exact_similarities(*self.units, self.ind[:, :k]))
+        return _distances(_exact_similarities(*self.rows, self.ind[:, :k]))
 
 
-def _rank(fit_X: np.ndarray, X: np.ndarray, ks, device, block_rows) -> _Ranking:
+def _rank(fit_X: np.ndarray, fit_unit32: np.ndarray, X: np.ndarray, ks, device, block_rows) -> _Ranking:
     """Candidates for every query, in exact order at each of the boundaries ``ks`` (the k-th/(k+1)-th)."""
     k_max = max(ks)
-    fit_unit, query_unit = _unit_rows(fit_X), _unit_rows(X)
     m = k_max + _margin(k_max)
     if m >= len(fit_X):
-        return _rank_all(fit_unit, query_unit)
-    cand, s32, slack = _float32_candidates(fit_unit, query_unit, m, device, block_rows)
+        return _rank_all(fit_X, X)
+    cand, s32, slack = _float32_candidates(fit_unit32, _float32_units(X), m, device, block_rows)
     sims = s32.astype(np.float64)  # descending
     # float64 can only reorder candidates less than 2 * slack apart in float32: chains of those are runs
     run = np.zeros(cand.shape, dtype=np.int64)
@@ -200,7 +229,7 @@ def _rank(fit_X: np.ndarray, X: np.ndarray, ks, device, block_rows) -> _Ranking:
     cut_runs = np.zeros(cand.shape, dtype=bool)  # by run id
     cut_runs[rows, run[rows, bounds[which] - 1]] = True
     settle = np.take_along_axis(cut_runs, run, axis=1)
-    dist = _distances(_exact_similarities(query_unit, fit_unit, cand, settle))
+    dist = _distances(_exact_similarities(X, fit_X, cand, settle))
     order = np.lexsort((cand, np.where(settle, dist, 0.0), run), axis=-1)  # runs stay in place
     # the exact k_max-th neighbour is at most as far as the float32-last member of its run can be, and a
     # training row outside the candidates at least as far as the last candidate can be (the slack's factor
@@ -209,19 +238,19 @@ def _rank(fit_X: np.ndarray, X: np.ndarray, ks, device, block_rows) -> _Ranking:
     farthest_top = _distances(sims[np.arange(len(sims)), last] - slack)
     nearest_outside = _distances(sims[:, -1] + slack)
     return _Ranking(np.take_along_axis(cand, order, axis=1), run, np.take_along_axis(dist, order, axis=1),
-                    farthest_top < nearest_outside, (query_unit, fit_unit))
+                    farthest_top < nearest_outside, (X, fit_X))
 
 
-def _rank_all(fit_unit: np.ndarray, query_unit: np.ndarray) -> _Ranking:
+def _rank_all(fit_X: np.ndarray, X: np.ndarray) -> _Ranking:
     """Every training row is a candidate: all distances exact, equal distances share a run."""
-    cand = np.broadcast_to(np.arange(len(fit_unit)), (len(query_unit), len(fit_unit)))
-    dist = _distances(_exact_similarities(query_unit, fit_unit, cand))
+    cand = np.broadcast_to(np.arange(len(fit_X)), (len(X), len(fit_X)))
+    dist = _distances(_exact_similarities(X, fit_X, cand))
     order = np.lexsort((cand, dist), axis=-1)
     dist = np.take_along_axis(dist, order, axis=1)
     run = np.zeros(dist.shape, dtype=np.int64)
     run[:, 1:] = np.cumsum(dist[:, 1:] != dist[:, :-1], axis=1)
     return _Ranking(np.take_along_axis(cand, order, axis=1), run, dist, np.ones(len(dist), dtype=bool),
-                    (query_unit, fit_unit))
+                    (X, fit_X))
 
 
 def _unit_rows(X: np.ndarray) -> np.ndarray:
@@ -229,45 +258,88 @@ def _unit_rows(X: np.ndarray) -> np.ndarray:
     return normalize(X.astype(np.float64), copy=False)
 
 
+def _float32_units(X: np.ndarray) -> np.ndarray:
+    """:func:`_unit_rows` rounded to float32, through one small float64 buffer (no float64 copy of the whole set)."""
+    out = np.empty(X.shape, dtype=np.float32)
+    rows = max(1, _UNIT_CHUNK_BYTES // (8 * max(1, X.shape[1])))
+    buffer = np.empty((min(rows, len(X)), X.shape[1]))
+    for start in range(0, len(X), rows):
+        chunk = buffer[: min(rows, len(X) - start)]
+        chunk[...] = X[start : start + rows]
+        out[start : start + rows] = normalize(chunk, copy=False)
+    return out
+
+
 def _distances(sims: np.ndarray) -> np.ndarray:
     """cosine_distances from similarities, as scikit-learn rounds them: S *= -1; S += 1; clip to [0, 2]."""
     return np.clip(-sims + 1.0, 0.0, 2.0)
 
 
-def _float32_candidates(fit_unit, query_unit, m: int, device, block_rows) -> tuple[np.ndarray, np.ndarray, float]:
+def _float32_candidates(fit_unit32, query_unit32, m: int, device, block_rows) -> tuple[np.ndarray, np.ndarray, float]:
     """The m training rows of largest float32 similarity per query, those similarities (descending), and
-    a bound on their error.
-
-    On the CPU the product is numpy's, into one reused buffer (OpenBLAS, held to ``threadpoolctl``
-    limits like the rest of the probe; 1.6x torch's MKL on a 2-core AMD EPYC, and a fresh 256 MB
-    result per block cost another 40% in page faults), and the selection is torch's ``topk`` (3x
-    ``np.argpartition``). On CUDA both are torch's, in IEEE float32 (TF32 is switched off meanwhile).
-    """
+    a bound on their error."""
     import torch
 
     dev = resolve_torch_device(device)
-    n = len(query_unit)
-    block = min(n, block_rows or max(1, BLOCK_BYTES // (4 * len(fit_unit))))
+    with torch.inference_mode(), _ieee_float32_matmul(dev):
+        slack = _float32_error(fit_unit32.shape[1], _matmul_input_rounding(dev))
+        search = _top_on_cpu if dev.type == "cpu" else _top_on_device
+        cand, sims = search(fit_unit32, query_unit32, m, block_rows, dev)
+    return cand, sims, slack
+
+
+def _top_on_cpu(fit32, query32, m: int, block_rows, dev) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's product into one reused buffer (OpenBLAS, held to ``threadpoolctl`` limits like the rest
+    of the probe; 1.2x to 1.8x torch's MKL on a 2-core AMD EPYC, and a fresh result per block costs page faults).
+
+    The selection reads each similarity row once: training rows fall into groups of ``GROUP_ROWS``
+    (group g: rows g, g + n_groups, ...; a strided view, so the maxima are element-wise maxima of
+    contiguous slices), and some m most similar rows lie among the m groups with the largest maxima:
+    those m maxima are m similarities at least as large as any row outside those groups. numpy's
+    ``argpartition`` picks those groups and torch's ``topk`` ranks their m * ``GROUP_ROWS`` members
+    (on one core, 0.8 s instead of 1.7 s for ``topk`` over whole rows: 10,000 queries, 60,000 rows).
+    """
+    import torch
+
+    n_fit, n = len(fit32), len(query32)
+    size = max(1, min(GROUP_ROWS, n_fit // (4 * m)))
+    n_groups = -(-n_fit // size)  # >= m
+    width = n_groups * size
+    block = min(n, block_rows or max(1, BLOCK_BYTES // (4 * width)))
+    buffer = np.full((block, width), -np.inf, dtype=np.float32)  # columns past n_fit stay -inf: never chosen
+    members = torch.arange(0, width, n_groups)
     cand = np.empty((n, m), dtype=np.int64)
     sims = np.empty((n, m), dtype=np.float32)
-    fit32 = fit_unit.astype(np.float32)
-    with torch.inference_mode(), _ieee_float32_matmul(dev):
-        slack = _float32_error(fit_unit.shape[1], _matmul_input_rounding(dev))
-        if dev.type == "cpu":
-            buffer = np.empty((block, len(fit32)), dtype=np.float32)
-        else:
-            train = torch.from_numpy(fit32).to(dev)
-        for start in range(0, n, block):
-            stop = min(start + block, n)
-            queries = query_unit[start:stop].astype(np.float32)
-            if dev.type == "cpu":
-                block_sims = torch.from_numpy(np.matmul(queries, fit32.T, out=buffer[: stop - start]))
-            else:
-                block_sims = torch.mm(torch.from_numpy(queries).to(dev), train.T)
-            values, rows = torch.topk(block_sims, m, dim=1, sorted=True)
-            cand[start:stop] = rows.cpu().numpy()
-            sims[start:stop] = values.cpu().numpy()
-    return cand, sims, slack
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        rows = stop - start
+        np.matmul(query32[start:stop], fit32.T, out=buffer[:rows, :n_fit])
+        block_sims = torch.from_numpy(buffer[:rows])
+        group_max = block_sims.view(rows, size, n_groups).amax(dim=1).numpy()
+        best = torch.from_numpy(np.argpartition(group_max, n_groups - m, axis=1)[:, n_groups - m :])
+        cols = (best[:, None, :] + members[:, None]).reshape(rows, -1)
+        values, picked = torch.topk(torch.gather(block_sims, 1, cols), m, dim=1, sorted=True)
+        cand[start:stop] = torch.gather(cols, 1, picked).numpy()
+        sims[start:stop] = values.numpy()
+    return cand, sims
+
+
+def _top_on_device(fit32, query32, m: int, block_rows, dev) -> tuple[np.ndarray, np.ndarray]:
+    """torch's product and ``topk`` on a CUDA device, in IEEE float32 (TF32 is switched off meanwhile)."""
+    import torch
+
+    n = len(query32)
+    block = min(n, block_rows or max(1, BLOCK_BYTES // (4 * len(fit32))))
+    train = torch.from_numpy(fit32).to(dev)
+    cand = np.empty((n, m), dtype=np.int64)
+    sims = np.empty((n, m), dtype=np.float32)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        queries = torch.from_numpy(query32[start:stop]).to(dev)
+        values, rows = torch.topk(torch.mm(queries, train.T), m, dim=1, sorted=True)
+        cand[start:stop] = rows.cpu().numpy()
+        sims[start:stop] = values.cpu().numpy()
+    return cand, sims
 
 
 def _float32_error(n_features: int, input_rounding: float) -> float:
@@ -315,23 +387,32 @@ def _matmul_input_rounding(device) -> float:
     return 0.0
 
 
-def _exact_similarities(query_unit: np.ndarray, fit_unit: np.ndarray, cand: np.ndarray,
+def _exact_similarities(X: np.ndarray, fit_X: np.ndarray, cand: np.ndarray,
                         wanted: np.ndarray | None = None) -> np.ndarray:
     """Float64 similarity of each query to its candidates (where ``wanted``; NaN elsewhere), rounded
-    as in scikit-learn's one large BLAS product: queries go through it in full groups of four."""
+    as in scikit-learn's one large BLAS product: queries go through it in full groups of four.
+    Only the rows involved are put at unit norm (scikit-learn's ``normalize`` works row by row:
+    the same bits as normalising the whole set)."""
     from threadpoolctl import threadpool_limits
 
     wanted = np.ones(cand.shape, dtype=bool) if wanted is None else wanted
     out = np.full(cand.shape, np.nan)
     active = np.flatnonzero(wanted.any(axis=1))
+    if not len(active):
+        return out
+    needed = np.unique(cand[active][wanted[active]])
+    if len(needed) == 1:  # a one-column product needs a second column (below)
+        needed = np.unique(np.append(needed, (needed[0] + 1) % len(fit_X)))
+    fit_unit, query_unit = _unit_rows(fit_X[needed]), _unit_rows(X[active])
     with threadpool_limits(limits=1, user_api="blas"):  # products this small only lose time to a second thread
         for start in range(0, len(active), _GEMM_ROWS):
-            rows = active[np.minimum(np.arange(start, start + _GEMM_ROWS), len(active) - 1)]  # short group: repeat
+            group = np.minimum(np.arange(start, start + _GEMM_ROWS), len(active) - 1)  # short group: repeat
+            rows = active[group]
             r, c = np.nonzero(wanted[rows])
-            cols, where = np.unique(cand[rows[r], c], return_inverse=True)
+            cols, where = np.unique(np.searchsorted(needed, cand[rows[r], c]), return_inverse=True)
             if len(cols) == 1:  # OpenBLAS hands a one-column product to gemv, which rounds differently
-                cols = np.append(cols, (cols[0] + 1) % len(fit_unit))
-            out[rows[r], c] = (query_unit[rows] @ fit_unit[cols].T)[r, where]
+                cols = np.append(cols, (cols[0] + 1) % len(needed))
+            out[rows[r], c] = (query_unit[group] @ fit_unit[cols].T)[r, where]
     return out
 
 
@@ -340,20 +421,20 @@ def _sklearn_search(fit_X: np.ndarray) -> NearestNeighbors:
     return NearestNeighbors(metric="cosine", algorithm="brute").fit(fit_X.astype(np.float64))
 
 
-def _vote_counts(fit_X, y_index, n_classes: int, X, ks: Sequence[int], device, block_rows):
+def _vote_counts(model: CosineKNeighborsClassifier, X: np.ndarray, ks: Sequence[int]):
     """Neighbour counts per class, (n, n_classes) for every k, from one ranking at the largest k;
     and how many queries scikit-learn answered at each k."""
-    ranking = _rank(fit_X, X, ks, device, block_rows)
-    labels = y_index[ranking.ind[:, : max(ks)]]
+    ranking = _rank(model._fit_X, model._fit_unit32, X, ks, model.device, model.block_rows)
+    labels = model._y[ranking.ind[:, : max(ks)]]
     counts, deferred, search = [], [], None
     for k in ks:
         chosen = labels[:, :k].copy()
         rows = np.flatnonzero(ranking.undecided(k, whole_order=False))
         if len(rows):
             if search is None:
-                search = _sklearn_search(fit_X)
-            chosen[rows] = y_index[search.kneighbors(X[rows].astype(np.float64), k, return_distance=False)]
-        counts.append(_count(chosen, n_classes))
+                search = _sklearn_search(model._fit_X)
+            chosen[rows] = model._y[search.kneighbors(X[rows].astype(np.float64), k, return_distance=False)]
+        counts.append(_count(chosen, len(model.classes_)))
         deferred.append(len(rows))
     return counts, deferred
 
