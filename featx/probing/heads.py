@@ -7,8 +7,9 @@ reusing the previous solution; k-NN scores every k from one neighbour search.
 
 A head may have several engines (``featx.probing.engines``): on a GPU, logistic regression is
 scikit-learn's own on torch tensors (array API) and the MLP trains in torch; on the CPU numpy
-is as fast for those, so scikit-learn's are kept. k-NN searches with torch everywhere: a
-blocked matrix product with top-k is 4x+ faster than scikit-learn's, with its exact answers.
+is as fast for those, so scikit-learn's are kept. k-NN searches with its own engine everywhere
+(``featx.probing.knn``): a blocked float32 product with top-k, 3-4x faster than scikit-learn's
+on a CPU, with scikit-learn's exact answers.
 """
 
 from __future__ import annotations
