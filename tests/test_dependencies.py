@@ -199,7 +199,7 @@ def test_storage_probing_reporting_load_without_torch():
 @pytest.mark.subprocess
 def test_probe_of_a_cache_entry_loads_no_torch_on_a_cpu_machine(tmp_path):
     """``featx probe ENTRY`` reads features only: on a machine without a GPU driver its process
-    never imports torch (its CUDA libraries alone map about 600 MB), unless a torch head runs."""
+    never imports torch (its CUDA libraries alone map about 600 MB), not even for the k-NN search."""
     import featx
     from featx.probing.engines import GPU_DRIVER_PATHS
 
@@ -213,7 +213,7 @@ def test_probe_of_a_cache_entry_loads_no_torch_on_a_cpu_machine(tmp_path):
         "import json, sys\n"
         "from featx.cli import app\n"
         "try:\n"
-        f"    app(['probe', {str(path)!r}, '--heads', 'logreg', '--jobs', '1', '--no-plots', '--out',"
+        f"    app(['probe', {str(path)!r}, '--heads', 'logreg,knn', '--jobs', '1', '--no-plots', '--out',"
         f" {str(tmp_path / 'out')!r}], standalone_mode=False)\n"
         "except SystemExit as exc:\n"
         "    assert not exc.code, exc.code\n"

@@ -40,7 +40,7 @@ def _cell(head, digits, device="cpu"):
 
 def _array_api_head(device_type: str) -> Head:
     """The CUDA engine of logreg, allowed on ``device_type``: scikit-learn on torch tensors there."""
-    engine = Engine("array-api", _array_api_logreg, (device_type,), arrays="torch", uses_torch=True)
+    engine = Engine("array-api", _array_api_logreg, (device_type,), arrays="torch", torch_on=(device_type,))
     return Head("logreg", (engine,), HEADS["logreg"].grid, warm_start=True)
 
 
@@ -72,7 +72,7 @@ def test_knn_head_predicts_as_scikit_learn(digits, device):
     """Acceptance: identical predictions to scikit-learn's cosine k-NN at the chosen k."""
     X, y, train, test, folds = digits
     cell = _cell(HEADS["knn"], digits, device=device)
-    assert cell.row["engine"] == "torch"
+    assert cell.row["engine"] == "featx"
     k = cell.row["params"]["n_neighbors"]
     plain = HEADS["knn"].pipeline(len(train), 0, {"n_neighbors": k})
     plain.steps[-1] = ("clf", KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute"))
@@ -83,7 +83,7 @@ def test_knn_head_predicts_as_scikit_learn(digits, device):
 def test_cpu_keeps_numpy_engines_where_they_are_as_fast():
     assert HEADS["logreg"].engine("cpu").name == "scikit-learn"
     assert HEADS["mlp"].engine("cpu").name == "scikit-learn"
-    assert HEADS["knn"].engine("cpu").name == "torch"
+    assert HEADS["knn"].engine("cpu").name == "featx"
     assert HEADS["mlp"].engine("cuda:1").name == "torch"
 
 
@@ -136,11 +136,11 @@ def test_results_record_device_engines_and_selection_rows(entry, tmp_path):
                       selection_rows=16, device="cpu")
     protocol = json.loads((tmp_path / "out" / "results.json").read_text())["protocol"]
     assert protocol["device"] == "cpu"
-    assert protocol["engines"] == {"logreg": "scikit-learn", "knn": "torch"}
+    assert protocol["engines"] == {"logreg": "scikit-learn", "knn": "featx"}
     rows = protocol["selection_rows"]
     assert rows["limit"] == 16 and rows["fit"] == [16] and rows["val"] == [8]
     assert rows["fit_available"][0] > 16
-    assert all(r["engine"] in ("scikit-learn", "torch") and r["device"] == "cpu" for r in res.rows)
+    assert all(r["engine"] in ("scikit-learn", "featx") and r["device"] == "cpu" for r in res.rows)
     assert all(r["n_train"] == 60 for r in res.rows)  # the refit uses every training row
     full = featx.probe(entry, heads="logreg", out_dir=False, progress=False, jobs=1, selection_rows=0)
     assert full.protocol["selection_rows"]["fit"] == full.protocol["selection_rows"]["fit_available"]

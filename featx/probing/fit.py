@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from ..evaluation import TOP_K, classification_metrics
-from .engines import array_api, portable, to_device, to_numpy, torch_threads
+from .engines import array_api, device_type, portable, to_device, to_numpy, torch_threads
 from .heads import Head, grid_for
 
 PATH_PATIENCE = 2
@@ -153,7 +153,8 @@ def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.nd
     selection_rows = train if selection_rows is None else selection_rows
     engine = head.engine(device)
     on_device = engine.arrays == "torch"
-    with threadpool_limits(limits=blas_threads), torch_threads(blas_threads) if engine.uses_torch else nullcontext():
+    torch_budget = torch_threads(blas_threads) if device_type(device) in engine.torch_on else nullcontext()
+    with threadpool_limits(limits=blas_threads), torch_budget:
         # folds as rows of X: only the (bounded) selection rows are ever copied out of the shared array
         row_folds = [(selection_rows[fit], selection_rows[val]) for fit, val in folds]
         params, grid_scores, notes = select(head, X, y, row_folds, seed, device, n_rows=len(selection_rows))

@@ -48,7 +48,7 @@ class Engine:
     devices: tuple[str, ...] = ("cpu", "cuda")
     arrays: str = "numpy"
     score_grid: Callable | None = field(default=None, compare=False)
-    uses_torch: bool = False
+    torch_on: tuple[str, ...] = ()  # device types where it computes with torch (whose threads then need a budget)
 
 
 def _sklearn_engine(build: Callable[[int, int], BaseEstimator], score_grid=None) -> Engine:
@@ -135,13 +135,13 @@ def knn_score_grid(X_fit, y_fit, X_val, y_val, grid: Sequence[dict]) -> list[flo
     return scores
 
 
-def _torch_knn(n, seed, device):
+def _exact_knn(n, seed, device):
     from .knn import CosineKNeighborsClassifier
 
     return CosineKNeighborsClassifier(device=device)
 
 
-def _torch_knn_score_grid(X_fit, y_fit, X_val, y_val, grid: Sequence[dict], device: str = "cpu") -> list[float]:
+def _exact_knn_score_grid(X_fit, y_fit, X_val, y_val, grid: Sequence[dict], device: str = "cpu") -> list[float]:
     from .knn import score_grid
 
     return score_grid(X_fit, y_fit, X_val, y_val, [p["n_neighbors"] for p in grid], device=device)
@@ -159,7 +159,7 @@ def _torch_mlp(n, seed, device):
 
 
 HEADS: dict[str, Head] = {
-    "logreg": Head("logreg", (Engine("array-api", _array_api_logreg, ("cuda",), arrays="torch", uses_torch=True),
+    "logreg": Head("logreg", (Engine("array-api", _array_api_logreg, ("cuda",), arrays="torch", torch_on=("cuda",)),
                               _sklearn_engine(_logreg)),
                    [{"C": c} for c in (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)], warm_start=True,
                    description="multinomial logistic regression (L-BFGS), C on a log grid"),
@@ -167,12 +167,12 @@ HEADS: dict[str, Head] = {
                    description="linear SVM (LinearSVC), C on a log grid"),
     "svm": Head("svm", (_sklearn_engine(_svm),), [], description=f"RBF SVM; above {SVM_EXACT_MAX} training rows "
                 f"an RBF Nystroem map ({NYSTROEM_COMPONENTS} components) + linear SVM"),
-    "mlp": Head("mlp", (Engine("torch", _torch_mlp, ("cuda",), uses_torch=True), _sklearn_engine(_mlp)),
+    "mlp": Head("mlp", (Engine("torch", _torch_mlp, ("cuda",), torch_on=("cuda",)), _sklearn_engine(_mlp)),
                 [{"alpha": a} for a in (1e-4, 1e-2)],
                 description="one hidden layer of 512, early stopping, L2 alpha on a grid"),
-    "knn": Head("knn", (Engine("torch", _torch_knn, score_grid=_torch_knn_score_grid, uses_torch=True),),
+    "knn": Head("knn", (Engine("featx", _exact_knn, score_grid=_exact_knn_score_grid, torch_on=("cuda",)),),
                 [{"n_neighbors": k} for k in (1, 5, 10, 20, 50)],
-                description="k nearest neighbours, cosine distance (exact, searched with torch)"),
+                description="k nearest neighbours, cosine distance (exact; numpy on a CPU, torch on a GPU)"),
 }
 DEFAULT_HEADS = ("logreg", "linsvm", "knn", "mlp", "svm")
 
