@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 
-import h5py
 import numpy as np
 from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import Pipeline
@@ -34,23 +33,15 @@ class _Rows:
     """Chunks of one layer's rows, restricted to the kept (readable) samples."""
 
     def __init__(self, entry, layer: str, ok: np.ndarray):
-        self.path, self.layer = entry.path, layer
-        self.kept_index = np.cumsum(ok) - 1  # entry row -> kept row
-        self.ok = ok
+        self.entry, self.layer, self.ok = entry, layer, ok
 
     def chunks(self, wanted: np.ndarray):
         """(X, kept rows) for the kept rows in ``wanted`` (a boolean mask over kept rows)."""
-        with h5py.File(self.path, "r") as f:
-            ds = f["layers"][self.layer]
-            step = max(1, CHUNK_BYTES // (ds.shape[1] * 4))
-            for start in range(0, ds.shape[0], step):
-                ok = self.ok[start:start + step]
-                kept = self.kept_index[start:start + step][ok]
-                take = wanted[kept]
-                if not take.any():
-                    continue
-                X = ds[start:start + step][ok][take].astype(np.float32)
-                yield X, kept[take]
+        for start, X in self.entry.iter_rows(self.layer, self.ok, chunk_bytes=CHUNK_BYTES):
+            kept = np.arange(start, start + len(X))
+            take = wanted[kept]
+            if take.any():
+                yield X[take], kept[take]
 
 
 def _fit_sgd(rows: _Rows, mask, y, loss, alpha, seed, classes, scaler):
