@@ -59,9 +59,11 @@ def machine() -> dict:
 
 def extract_suite(quick: bool) -> dict:
     from . import bench_extract as b
+    from . import bench_floor
 
     n = 1000 if quick else 4000
     cases = {
+        "floor_96px": lambda: bench_floor.case_floor(isolated, 2000 if quick else 10_000, 96),
         "overhead_96px": lambda: b.case_overhead(isolated, n, 96),
         "overhead_224px": lambda: b.case_overhead(isolated, n // 2, 224),
         "one_pass_vs_per_layer": lambda: b.case_one_pass(isolated, n // 2, 96),
