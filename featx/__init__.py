@@ -27,6 +27,7 @@ _API = {
     "cache_gc": ".api",
     "probe": ".api",
     "run": ".api",
+    "compare": ".api",
     "finetune": ".api",
 }
 

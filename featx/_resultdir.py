@@ -40,16 +40,19 @@ log = logging.getLogger(__name__)
 PROBE = "probe"
 FINETUNE = "finetune"
 SWEEP = "finetune-sweep"
+COMPARE = "comparison"
 MARKER = ".featx-result.json"
 
 #: what each kind of result folder may hold (besides the marker and featx's own temp files)
 KNOWN_FILES = {
     PROBE: {"results.json", "results.csv", "layers.png", "confusion.png", "best_head.joblib", "best_head.json",
-            "linear_head.npz"},
+            "linear_head.npz", "report.html"},
     FINETUNE: {"finetune.json", "model.pt", "model.json", "curves.png", "checkpoint.pt"},
     SWEEP: {"sweep", "sweep.json"},
+    COMPARE: {"comparison.json", "comparison.csv", "depth.png", "shots.png", "report.html", "models"},
 }
-_DESCRIBE = {PROBE: "probe result", FINETUNE: "fine-tuning run", SWEEP: "fine-tuning sweep"}
+_DESCRIBE = {PROBE: "probe result", FINETUNE: "fine-tuning run", SWEEP: "fine-tuning sweep",
+             COMPARE: "backbone comparison"}
 _ATOMIC_TMP = re.compile(r"^\..+\.\d+\.tmp$")  # _fileio.atomic_write_bytes
 RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

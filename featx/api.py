@@ -18,14 +18,17 @@ from .probing.protocol import SELECTION_ROWS
 
 if TYPE_CHECKING:  # imported on first use, see __getattr__
     from .backbones.registry import ModelListing
+    from .comparison import compare
     from .extraction import extract
     from .finetuning import finetune
     from .probing import ProbeResults, probe
 
-__all__ = ["extract", "load_features", "cache_gc", "layers", "models", "open_entry", "probe", "run", "finetune"]
+__all__ = ["extract", "load_features", "cache_gc", "layers", "models", "open_entry", "probe", "run", "compare",
+           "finetune"]
 
 __getattr__ = lazy_getattr(globals(), {"probe": ".probing", "ProbeResults": ".probing",
-                                      "finetune": ".finetuning", "extract": ".extraction"})
+                                      "finetune": ".finetuning", "extract": ".extraction",
+                                      "compare": ".comparison"})
 
 
 def open_entry(entry, cache_dir: str | os.PathLike | None = None) -> FeatureEntry:

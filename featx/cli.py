@@ -53,7 +53,8 @@ Checkpoint = Annotated[Optional[Path], typer.Option(help="Load the model's weigh
                                                     "(state_dict, .pt/.pth/.safetensors).")]
 Arch = Annotated[Optional[str], typer.Option(help="Architecture for --model file:PATH, e.g. timm:resnet18.")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Input size (crop) in pixels; default: the model's.")]
-CropPct = Annotated[Optional[float], typer.Option(help="Crop size / resize size; default: the model's.")]
+CropPct = Annotated[Optional[float], typer.Option(help="Crop size / resize size; default: the model's, or 1.0 "
+                                                  "when images are upscaled.")]
 Interp = Annotated[Optional[str], typer.Option(help="Resize interpolation: nearest, bilinear, bicubic.")]
 DataRoot = Annotated[Optional[Path], typer.Option(help="Where datasets are looked for and downloaded.")]
 Download = Annotated[bool, typer.Option("--download/--no-download", help="Download missing datasets.")]
@@ -321,10 +322,19 @@ def probe(
     _print_probe(results)
 
 
+ModelList = Annotated[list[str], typer.Option("--model", "-m", help="Backbones, comma-separated or repeated: "
+                                               "efficientnet_lite0 (bundled), torchvision:NAME, timm:NAME[.tag]. "
+                                               "Two or more run featx compare.")]
+Baseline = Annotated[bool, typer.Option("--baseline", help="Add each model with random weights (--weights none) as "
+                                        "a reference row: how much the pretraining is worth on this data.")]
+Shots = Annotated[Optional[str], typer.Option(help="Learning curves: labelled images per class, e.g. "
+                                              "'1,5,10,50,all' (several seeds), at each backbone's best layer.")]
+
+
 @app.command()
 def run(
     dataset: Annotated[str, typer.Argument(help="Dataset to run on (default: fashion-mnist).")] = "fashion-mnist",
-    model: Model = "efficientnet_lite0",
+    model: ModelList = ["efficientnet_lite0"],  # noqa: B006 (typer reads the default, never mutates it)
     heads: Heads = RUN_HEADS,
     layers: Layers = "auto",
     pool: Pool = RUN_POOL,
@@ -340,19 +350,101 @@ def run(
     data_root: DataRoot = None,
     device: DeviceOpt = "auto",
     selection_rows: SelectionRows = SELECTION_ROWS,
+    baseline: Baseline = False,
+    shots: Shots = None,
     progress: Progress = True,
     hash_content: HashContent = False,
 ) -> None:
-    """The main job: extract features (through the cache), probe every layer, report and advise."""
+    """The main job: extract features (through the cache), probe every layer, report and advise.
+
+    With several models (or --baseline, or --shots) it runs featx compare."""
+    from .comparison.runner import parse_models
+
+    options = dict(heads=heads, cv=cv, jobs=jobs, out_dir=out_dir, seed=seed, progress=progress,
+                   selection_rows=selection_rows, layers=layers, pool=pool, image_size=image_size or None,
+                   limit=limit, dtype=dtype, weights=weights, data_root=data_root, device=device,
+                   cache_dir=STATE["cache_dir"], hash_content=hash_content)
+    models = parse_models(model)
+    if len(models) > 1 or baseline or shots:
+        from .comparison import compare as run_compare
+
+        _print_comparison(run_compare(dataset, models, baseline=baseline, shots=shots, **options))
+        return
     from .api import run as run_all
 
-    results = run_all(
-        dataset, model, heads=heads, cv=cv, jobs=jobs, out_dir=out_dir, seed=seed, progress=progress,
-        selection_rows=selection_rows,
-        layers=layers, pool=pool, image_size=image_size or None, limit=limit, dtype=dtype, weights=weights,
-        data_root=data_root, device=device, cache_dir=STATE["cache_dir"], hash_content=hash_content,
+    _print_probe(run_all(dataset, models[0], **options))
+
+
+@app.command()
+def compare(
+    dataset: Annotated[str, typer.Argument(help="digits, fashion-mnist, cifar10, ..., folder:PATH or csv:FILE.")],
+    model: ModelList,
+    baseline: Baseline = False,
+    shots: Shots = None,
+    heads: Heads = RUN_HEADS,
+    layers: Layers = "auto",
+    pool: Pool = RUN_POOL,
+    image_size: Annotated[Optional[int], typer.Option(help=f"Input size in pixels (default {RUN_IMAGE_SIZE}; "
+                                                      "0 = each model's own).")] = RUN_IMAGE_SIZE,
+    limit: Limit = None,
+    cv: CV = None,
+    seed: Seed = 0,
+    jobs: Jobs = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Results folder (default "
+                                                    "featx-results/compare-<dataset>).")] = None,
+    dtype: Dtype = "float16",
+    weights: Annotated[Optional[str], typer.Option(help="Weights of every model: DEFAULT, a torchvision enum "
+                                                   "name, 'pretrained' or 'none' (random init).")] = None,
+    data_root: DataRoot = None,
+    device: DeviceOpt = "auto",
+    selection_rows: SelectionRows = SELECTION_ROWS,
+    plots: Plots = True,
+    progress: Progress = True,
+    hash_content: HashContent = False,
+) -> None:
+    """Put several backbones through the same probe on the same rows: leaderboard, paired tests, advice.
+
+    Entries already in the cache are reused; only missing ones are extracted."""
+    from .comparison import compare as run_compare
+
+    results = run_compare(
+        dataset, model, baseline=baseline, shots=shots, heads=heads, cv=cv, jobs=jobs, out_dir=out_dir, seed=seed,
+        plots=plots, progress=progress, selection_rows=selection_rows, layers=layers, pool=pool,
+        image_size=image_size or None, limit=limit, dtype=dtype, weights=weights, data_root=data_root,
+        device=device, cache_dir=STATE["cache_dir"], hash_content=hash_content,
     )
-    _print_probe(results)
+    _print_comparison(results)
+
+
+def _print_comparison(results) -> None:
+    from .comparison.leaderboard import leaderboard_rows
+
+    table = Table(title=f"{results.dataset}: backbones ranked on validation data — test top-1 (95% CI), paired "
+                        "tests against the leader on the same test rows", header_style="bold")
+    columns = ("#", "backbone", "layer", "head", "val", "test top-1", "vs leader (95% CI)", "p (Holm)", "verdict",
+               "params", "img/s", "width", "disk", "probe s")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("backbone", "layer", "head", "verdict") else "right")
+    for row in leaderboard_rows(results):
+        diff = row["difference_to_leader"]
+        vs = "-" if diff is None else (f"{100 * diff:+.2f} ({100 * row['difference_ci_low']:+.2f} to "
+                                       f"{100 * row['difference_ci_high']:+.2f}) pts")
+        params = "-" if row["parameters"] is None else f"{row['parameters'] / 1e6:.1f}M"
+        speed = "-" if row["images_per_second"] is None else f"{row['images_per_second']:.0f}"
+        table.add_row(str(row["rank"]), row["model"], row["layer"], row["head"], f"{row['val_top1']:.3f}",
+                      f"{row['test_top1']:.3f} ({row['test_top1_ci_low']:.3f}-{row['test_top1_ci_high']:.3f})",
+                      vs, "-" if row["p_holm"] is None else f"{row['p_holm']:.3g}", row["verdict"], params, speed,
+                      str(row["width"]), human_bytes(row["bytes_on_disk"]), f"{row['probe_seconds']:.0f}")
+    out.print(table)
+    for model, curve in results.shots.items():
+        points = ", ".join(f"{p['shots']}: {p['mean']:.3f}" + (f"±{p['std']:.3f}" if len(p["test_top1"]) > 1 else "")
+                           for p in curve["points"])
+        out.print(f"labels per class → test top-1, {model} ({curve['head']} on {curve['layer']}): {points}")
+    out.print(f"protocol: {results.protocol['selection']}; {results.protocol['paired_tests']}")
+    out.print(f"\n[bold]advice[/bold]: {results.advice}\n")
+    if results.out_dir is not None:
+        out.print(f"wrote {results.out_dir}/: " + ", ".join(results.files.values()))
+    out.print(f"time {results.seconds:.1f} s")
 
 
 @app.command()
@@ -362,10 +454,15 @@ def finetune(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Fine-tune this model explicitly, with "
                                                  "--layer and a dataset.")] = None,
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Layer to cut after: name, alias or "
-                                                 "ladder index; default: the probe's best layer.")] = None,
+                                                 "ladder index; default: the probe's best layer. Not with "
+                                                 "--full (use --freeze-below).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Keep the whole network up to its top layer (pre_logits) "
+                                       "with the head there, instead of cutting after --layer; blocks below "
+                                       "--freeze-below (default: the probe's best layer) stay frozen.")] = False,
     head_init: Annotated[str, typer.Option(help="lpft (start from the probe's logistic regression, "
                                            "standardisation folded in), random, or auto (lpft with a probe "
-                                           "result).")] = "auto",
+                                           "result; with --full only if the probe's head was fitted on the top "
+                                           "layer, else a fresh head trained alone first).")] = "auto",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 5,
     lr: Annotated[Optional[float], typer.Option(help="Head learning rate; default 1e-3 (AdamW), 1e-2 (SGD).")] = None,
     backbone_lr_ratio: Annotated[float, typer.Option(help="Backbone learning rate = lr x this.")] = 0.1,
@@ -375,9 +472,11 @@ def finetune(
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up before the cosine decay (fractions "
                                                  "allowed).")] = 0.5,
-    head_warmup_epochs: Annotated[int, typer.Option(help="Epochs that train only the head.")] = 0,
+    head_warmup_epochs: Annotated[Optional[int], typer.Option(help="Epochs that train only the head; default 0, "
+                                                              "or 1 for a fresh head with --full.")] = None,
     freeze_below: Annotated[Optional[str], typer.Option(help="Blocks below this layer (name or index) stay "
-                                                        "frozen, weights and BatchNorm statistics.")] = None,
+                                                        "frozen, weights and BatchNorm statistics; with --full "
+                                                        "the default is the probe's best layer.")] = None,
     unfreeze: Annotated[Optional[str], typer.Option(help="gradual: unfreeze one block per epoch from the "
                                                     "top.")] = None,
     bn_stats: Annotated[str, typer.Option(help="BatchNorm statistics: auto (frozen for pretrained weights), "
@@ -410,13 +509,14 @@ def finetune(
     workers: Workers = None,
     progress: Progress = True,
 ) -> None:
-    """Cut the network after the best layer, start from the probe's head (LP-FT) and fine-tune."""
+    """Fine-tune from a probe result: cut after its best layer and start from its head (LP-FT), or keep the
+    full network with the blocks below the best layer frozen (--full)."""
     from .api import finetune as run_finetune
 
     explicit = {k: v for k, v in dict(weights=weights, checkpoint=checkpoint, arch=arch, image_size=image_size,
                                       pool=pool, data_root=data_root, limit=limit).items() if v is not None}
     result = run_finetune(
-        target, model=model, layer=layer, head_init=head_init, epochs=epochs, lr=lr,
+        target, model=model, layer=layer, full=full, head_init=head_init, epochs=epochs, lr=lr,
         backbone_lr_ratio=backbone_lr_ratio, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
         warmup_epochs=warmup_epochs, head_warmup_epochs=head_warmup_epochs, freeze_below=freeze_below,
         unfreeze=unfreeze, bn_stats=bn_stats, label_smoothing=label_smoothing, dropout=dropout, augment=augment,
@@ -433,15 +533,25 @@ def _print_finetune(result) -> None:
     t = result.test
     lo, hi = t["test_top1_ci"]
     status = "found finished on disk" if result.reused else f"{result.train_seconds:.0f} s of training"
-    out.print(f"fine-tuned after {result.layer} ({result.head_init} head): test top-1 {t['test_top1']:.4f} "
+    network = result.network or {}
+    shape = "the full network" if network.get("mode") == "full" else f"after {result.layer}"
+    if network.get("freeze_below"):
+        shape += f", frozen below {network['freeze_below']}"
+    out.print(f"fine-tuned {shape} ({result.head_init} head): test top-1 {t['test_top1']:.4f} "
               f"(95% CI {lo:.4f}-{hi:.4f}), best epoch {result.best_epoch} by validation "
               f"({result.best_val_top1:.4f}); {status}")
+    if network:
+        head = network["head"]
+        warmup = f", trained alone for {head['warmup_epochs']} epoch(s) first" if head["warmup_epochs"] else ""
+        out.print(f"trainable parameters: {network['trainable_parameters']:,} of {network['total_parameters']:,} "
+                  f"(head on {network['head_layer']}); head: {head['start']}{warmup}")
     probe = result.probe or {}
     if probe.get("logreg_test_top1") is not None:
         delta = probe.get("delta_top1_vs_logreg")
         change = (f"fine-tuning changed it by {delta:+.4f}" if delta is not None
                   else "not compared: the two stages scored different numbers of test images")
-        out.print(f"probe (logreg) at the same layer: test top-1 {probe['logreg_test_top1']:.4f}; {change}")
+        out.print(f"probe (logreg) at {probe.get('layer', 'the same layer')}: test top-1 "
+                  f"{probe['logreg_test_top1']:.4f}; {change}")
     out.print(f"wrote {result.out_dir}/  (re-extract its layers with --model finetuned:{result.out_dir})")
 
 

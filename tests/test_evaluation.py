@@ -179,7 +179,7 @@ def test_a_finished_run_of_the_old_schema_is_not_returned_as_this_one(both_runs,
 def test_the_probe_comparison_leaves_out_a_difference_over_other_test_images(tmp_path):
     rows = [{"layer": "layer3", "head": "logreg", "test_top1": 0.5, "n_test": 10}]
     probe = ProbeResult(tmp_path, {"rows": rows, "best": {"layer": "layer3", "head": "logreg", "test_top1": 0.5}})
-    plan = SimpleNamespace(probe=probe, layer=SimpleNamespace(name="layer3"))
+    plan = SimpleNamespace(probe=probe, layer=SimpleNamespace(name="layer3"), full=False)
     same = _probe_comparison(plan, {"test_top1": 0.75, "n_test": 10})
     assert same["delta_top1_vs_logreg"] == pytest.approx(0.25)
     assert _probe_comparison(plan, {"test_top1": 0.75, "n_test": 9})["delta_top1_vs_logreg"] is None

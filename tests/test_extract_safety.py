@@ -47,18 +47,30 @@ def _failing_open(monkeypatch, name: str, code: int, times: int | None = None) -
 # ----------------------------------------------------------------- environment vs image faults
 
 
+def test_io_error_while_choosing_the_crop_fails_the_run_instead_of_changing_the_key(tmp_path):
+    """The crop rule reads a few image headers; a file-system fault there must not make it decide
+    on fewer images (and so, perhaps, build an entry under another key)."""
+    root = make_folder(tmp_path / "f", n_per_class=4, splits=None)
+    with pytest.MonkeyPatch.context() as fault, pytest.raises(ImageReadError, match="owl/img002.png"):
+        calls = _failing_open(fault, "owl/img002.png", errno.EIO)
+        featx.extract(f"folder:{root}", dtype="float32", workers=0, **TINY)
+    assert len(calls) == 3 and not list((tmp_path / "cache").glob("*.h5"))
+
+
 @pytest.mark.parametrize("code", [errno.EIO, errno.EACCES, errno.ENOENT, errno.ESTALE, errno.ETIMEDOUT])
 def test_io_error_fails_the_run_and_is_never_cached_as_a_bad_image(tmp_path, monkeypatch, code):
     root = make_folder(tmp_path / "f", n_per_class=4, splits=None)  # 12 images
     with pytest.MonkeyPatch.context() as fault, pytest.raises(ImageReadError) as info:
         calls = _failing_open(fault, "owl/img002.png", code)
-        featx.extract(f"folder:{root}", dtype="float32", batch_size=4, shard_rows=4, workers=0, **TINY)
+        featx.extract(f"folder:{root}", dtype="float32", batch_size=4, shard_rows=4, workers=0, crop_pct=0.875,
+                      **TINY)  # an explicit crop: no header is read to choose it, the fault meets the pixels
     message = str(info.value)
     assert "owl/img002.png" in message and f"Errno {code}" in message and "run the same command again" in message
     assert len(calls) == 3  # retried before giving up
     assert not list((tmp_path / "cache").glob("*.h5"))
     # the file system has recovered: the resume reads the image and keeps the shards
-    entry = featx.extract(f"folder:{root}", dtype="float32", batch_size=4, shard_rows=4, workers=0, **TINY)
+    entry = featx.extract(f"folder:{root}", dtype="float32", batch_size=4, shard_rows=4, workers=0, crop_pct=0.875,
+                          **TINY)
     assert entry.last_run.resumed_rows == 8
     assert entry.samples()["ok"].all() and dict(entry.errors()) == {}
 
@@ -79,7 +91,7 @@ def test_io_error_in_a_dataloader_worker_is_raised_with_a_clean_message(tmp_path
 def test_a_transient_io_error_is_retried_and_the_image_is_read(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "f", n_per_class=2, splits=None)
     calls = _failing_open(monkeypatch, "cat/img000.png", errno.EIO, times=2)
-    entry = featx.extract(f"folder:{root}", dtype="float32", workers=0, **TINY)
+    entry = featx.extract(f"folder:{root}", dtype="float32", workers=0, crop_pct=0.875, **TINY)  # no header read
     assert len(calls) == 3 and entry.samples()["ok"].all()
 
 

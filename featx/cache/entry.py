@@ -172,6 +172,7 @@ class FeatureEntry:
         self.created = str(a.get("created_utc", ""))
         self.updated = str(a.get("updated_utc", self.created))
         self.versions = json.loads(a.get("versions", "{}"))
+        self.runs: list[dict] = json.loads(a.get("runs", "[]"))  # the extraction runs that built it, oldest first
         self.classes = [str(c) for c in f["classes"].asstr()[()]]
         if self.config.get("dataset", {}).get("classes", self.classes) != self.classes:
             raise CacheCorruptError(f"{self.path}: /classes does not match the classes in its configuration.")

@@ -346,8 +346,11 @@ class CacheStore:
 
     def commit(self, key: str, config: dict, *, base: FeatureEntry | None, samples: dict | None,
                classes: list[str], ladder: dict, versions: dict, run: PartialRun,
-               records: list[Layer], featx_version: str) -> FeatureEntry:
-        """Assemble shards (plus an existing entry) into a new file and rename it into place."""
+               records: list[Layer], featx_version: str, history: dict | None = None) -> FeatureEntry:
+        """Assemble shards (plus an existing entry) into a new file and rename it into place.
+
+        ``history``: what this run cost (images, seconds, device, parameters), appended to the
+        entry's ``runs`` attribute so that a cache hit can still say how fast extraction was."""
         self._ensure()
         final = self.root / self.filename(key, config)
         tmp = self.root / ".tmp" / f"{key}.{os.getpid()}.h5"
@@ -369,6 +372,9 @@ class CacheStore:
                 f["layers"].attrs["order"] = json.dumps(sorted(order, key=rank.get))
                 f.attrs["metadata_digest"] = metadata_digest(f)
                 f.attrs["updated_utc"] = _now()
+                if history is not None:
+                    runs = json.loads(f.attrs.get("runs", "[]"))
+                    f.attrs["runs"] = json.dumps([*runs, {**history, "utc": f.attrs["updated_utc"]}])
                 f.attrs["complete"] = True
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())

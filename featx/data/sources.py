@@ -11,10 +11,12 @@ import codecs
 import csv
 import gzip
 import hashlib
+import heapq
 import io
 import logging
 import os
 import struct
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -23,13 +25,15 @@ from PIL import Image
 
 from ..cache.key import file_digest, strings_digest
 from ..errors import DatasetNotFoundError, UsageError
-from .images import ImageDecodeError, decode_image, read_with_retry, to_rgb
+from .images import ALLOWED_FORMATS, ImageDecodeError, decode_image, read_with_retry, to_rgb
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
 )
+#: how many images ``ImageSource.sample_sizes`` looks at: the first ids in sorted order
+SIZE_SAMPLE = 16
 
 
 class ImageSource(ABC):
@@ -67,6 +71,17 @@ class ImageSource(ABC):
     def pixels(self, rows) -> np.ndarray:
         """Raw uint8 pixels of ``rows``, stacked (only for sources with a ``pixel_shape``)."""
         raise NotImplementedError(f"{type(self).__name__} decodes its images one by one")
+
+    def image_size(self, i: int) -> tuple[int, int] | None:
+        """(width, height) of sample ``i`` when known without decoding its pixels; None otherwise."""
+        return None
+
+    def sample_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of a cheap, deterministic sample of the images, the first SIZE_SAMPLE ids in
+        sorted order, for choosing the crop (``featx.data.crop_rule``); sizes that cannot be read are
+        left out, so the list may be empty."""
+        first = heapq.nsmallest(SIZE_SAMPLE, range(len(self.ids)), key=lambda i: str(self.ids[i]))
+        return [size for size in map(self.image_size, first) if size is not None]
 
     def source_identity(self) -> dict:
         """The fields that name the source in the fingerprint (file sources drop their location)."""
@@ -106,6 +121,10 @@ class SubsetSource(ImageSource):
     def pixels(self, rows) -> np.ndarray:
         return self.base.pixels(self.indices[np.asarray(rows, dtype=np.int64)])
 
+    def sample_sizes(self) -> list[tuple[int, int]]:
+        """The whole dataset's sample: a ``--limit`` subset is preprocessed as the full set is."""
+        return self.base.sample_sizes()
+
     def source_identity(self) -> dict:
         return self.base.source_identity()
 
@@ -139,6 +158,13 @@ class ArraySource(ImageSource):
 
     def pixels(self, rows) -> np.ndarray:
         return self.images[np.asarray(rows, dtype=np.int64)]
+
+    def image_size(self, i: int) -> tuple[int, int] | None:
+        return int(self.images.shape[2]), int(self.images.shape[1])
+
+    def sample_sizes(self) -> list[tuple[int, int]]:
+        """Every image has the array's size."""
+        return [self.image_size(0)] if len(self.images) and self.images.ndim >= 3 else []
 
     def content_digest(self) -> str:
         if self._digest is None:
@@ -174,6 +200,9 @@ class FileSource(ImageSource):
     def location(self, i: int) -> str:
         return str(self.paths[i])
 
+    def image_size(self, i: int) -> tuple[int, int] | None:
+        return header_size(self.paths[i])
+
     def source_identity(self) -> dict:
         return {
             "source": self.spec.partition(":")[0],  # folder or csv: moving or renaming keeps the key
@@ -192,6 +221,30 @@ class FileSource(ImageSource):
         for p in self.paths:
             h.update(f"{self._relative(p)}\t{_file_state(p, self.hash_content)}\n".encode())
         return h.hexdigest()
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from an image file's header (Pillow reads no pixels until asked); None for a
+    file that is not an image featx opens (such a file is reported when it is decoded).
+
+    An error of the file system (an OSError with an errno: EIO, EACCES, ENOENT...) is retried and
+    then raised, as when pixels are read: a size left out by a passing fault could change the crop
+    rule's choice, and with it the cache key."""
+
+    def read() -> tuple[int, int] | None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a decompression-bomb warning is for the decoder to report
+                with Image.open(path, formats=list(ALLOWED_FORMATS)) as img:
+                    return int(img.width), int(img.height)
+        except OSError as exc:
+            if exc.errno is not None:
+                raise
+            return None  # not an image Pillow reads: the decoder reports it
+        except Exception:  # a malformed header: likewise
+            return None
+
+    return read_with_retry(read, str(path))
 
 
 def _file_state(p: Path, hash_content: bool) -> str:
@@ -236,6 +289,19 @@ class TorchvisionSource(ImageSource):
             img = Image.fromarray(np.asarray(img))
         return to_rgb(img)
 
+    def image_size(self, i: int) -> tuple[int, int] | None:
+        """From the dataset's pixel array (CIFAR, MNIST, SVHN, STL-10) or its image file's header."""
+        ds, j = self._locate(i)
+        data = getattr(ds, "data", None)
+        shape = tuple(int(v) for v in getattr(data, "shape", ())[1:])
+        if len(shape) == 2:  # (H, W)
+            return shape[1], shape[0]
+        if len(shape) == 3:  # (C, H, W) or (H, W, C)
+            height, width = shape[1:] if shape[0] in (1, 3) and shape[2] not in (1, 3) else shape[:2]
+            return width, height
+        path = _image_file(ds, j)
+        return header_size(path) if path is not None else None
+
     def content_digest(self) -> str:
         h = hashlib.sha256(self.spec.encode())
         for split, ds in self.parts:
@@ -251,6 +317,16 @@ class TorchvisionSource(ImageSource):
                     if f.is_file():
                         h.update(f"{f.relative_to(base).as_posix()}\t{_file_state(f, False)}\n".encode())
         return h.hexdigest()
+
+
+def _image_file(ds, j: int) -> Path | None:
+    """The file of sample ``j`` of a torchvision dataset that reads its images from files."""
+    for attr in ("_image_files", "_images", "_samples", "samples"):
+        files = getattr(ds, attr, None)
+        if isinstance(files, (list, tuple)) and 0 <= j < len(files):
+            item = files[j][0] if isinstance(files[j], tuple) else files[j]
+            return Path(item) if isinstance(item, (str, os.PathLike)) else None
+    return None
 
 
 # --------------------------------------------------------------------------- built-ins

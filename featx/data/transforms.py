@@ -44,6 +44,9 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop_mode: str = "center"
+    #: why the crop is what it is (``featx.data.crop_rule``): ``model``, ``upscaled: no crop`` or
+    #: ``explicit``; None where no rule chose it (a model's own default, an entry made before the rule)
+    crop_rule: str | None = None
 
     def __post_init__(self):
         if self.crop_mode not in CROP_MODES:
@@ -60,6 +63,12 @@ class Preprocessing:
             # the crop every entry before crop modes used: leaving it out keeps their cache keys,
             # and any other mode changes the features, so it is named in the key
             del d["crop_mode"]
+        del d["crop_rule"]
+        if self.crop_rule not in (None, "explicit"):
+            # an explicit --crop-pct is left out, so its entries keep the keys they had before the rule;
+            # the other rules are named, so that entries chosen by different rules never share a key
+            d["crop_pct"] = round(self.crop_pct, 4)
+            d["crop_rule"] = self.crop_rule
         return d
 
     @classmethod
@@ -67,7 +76,7 @@ class Preprocessing:
         return cls(
             int(d["crop_size"]), int(d["resize_size"]), str(d["interpolation"]),
             tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]),
-            str(d.get("crop_mode", "center")),
+            str(d.get("crop_mode", "center")), d.get("crop_rule"),
         )
 
     def override(self, image_size: int | None = None, crop_pct: float | None = None,

@@ -28,6 +28,7 @@ from ..cache.key import config_key
 from ..cache.partial import PartialRun
 from ..cache.store import CacheStore
 from ..data import open_dataset, stratified_limit
+from ..data.crop_rule import dataset_preprocessing
 from ..data.sources import ImageSource
 from ..errors import CacheCorruptError, UnknownLayerError, UsageError
 from ..layer import check_pool
@@ -110,6 +111,9 @@ def extract(
     Returns the cache entry (a :class:`~featx.cache.entry.FeatureEntry`); ``entry.last_run``
     says whether a forward pass ran. Re-running with the same arguments returns at once.
 
+    ``crop_pct``: the model's, or 1.0 when the dataset's images are smaller than the input (they are
+    upscaled, and the centre crop would cut away their content); see :mod:`featx.data.crop_rule`.
+
     ``resize_engine``: ``auto`` resizes datasets held in memory as uint8 arrays (digits,
     Fashion-MNIST) in whole batches on the device, other datasets image by image with PIL;
     ``pil`` always uses PIL (the features, and cache entries, of featx before the choice
@@ -126,7 +130,7 @@ def extract(
         raise UsageError("The dataset has no samples.")
     spec = parse_model(model, weights=weights, checkpoint=checkpoint, arch=arch)
     info = describe_model(spec)
-    pre = info.preprocessing.override(image_size, crop_pct, interpolation)
+    pre = dataset_preprocessing(info.preprocessing, source, image_size, crop_pct, interpolation)
     dev = resolve_device(device, precision)
     group = current_group()  # launched by torchrun: every rank computes a share of the shards
     if group is not None:
@@ -237,12 +241,17 @@ def _build(store: CacheStore, key: str, config: dict, base: FeatureEntry | None,
     stats.seconds = time.perf_counter() - t0
     stats.images = _rows(run, share.shards)
 
+    history = {"layers": list(plan.layers), "images": stats.images, "seconds": round(stats.seconds, 3),
+               "resumed_rows": stats.resumed_rows, "device": str(request.device.torch_device),
+               "world_size": 1 if group is None else group.world, "batch_size": plan.batch_size,
+               "parameters": sum(p.numel() for p in net.parameters())}  # cost columns of featx compare
+
     def assemble() -> FeatureEntry:
         source = request.source
         entry = store.commit(
             key, config, base=base, samples={"id": source.ids, "label": source.labels, "split": source.splits},
             classes=source.classes, ladder=ladder.to_dict(), versions=library_versions(), run=run,
-            records=plan.records(todo), featx_version=__version__,
+            records=plan.records(todo), featx_version=__version__, history=history,
         )
         run.remove()
         return entry

@@ -1,8 +1,10 @@
-"""The fine-tuning stage: cut the backbone after the best layer, start the head from the probe
-(LP-FT), train with frozen or gradually unfrozen blocks, evaluate the test split once, export.
+"""The fine-tuning stage: cut the backbone after the best layer (or keep it whole with the blocks
+below that layer frozen), start the head from the probe (LP-FT), train with frozen or gradually
+unfrozen blocks, evaluate the test split once, export.
 
 Modules, one job each: ``plan`` (what to fine-tune, on which splits), ``model`` (the cut
-network and its head), ``freeze`` (which blocks train when), ``augment`` and ``data``
+network and its head), ``full`` (the full-network mode's head start and freeze point),
+``freeze`` (which blocks train when), ``command`` (the command line advice prints), ``augment`` and ``data``
 (training images), ``optim`` (optimiser and schedule), ``train`` (the loop), ``checkpoint``
 (atomic per-epoch resume points), ``metrics``, ``plots``, ``sweep``, ``export``
 (``model.pt`` + ``model.json``, and ``finetuned:PATH`` for extraction), ``result``
@@ -18,6 +20,7 @@ _API = {
     "FinetuneResult": ".result",
     "parse_sweep": ".sweep",
     "format_table": ".sweep",
+    "command_for": ".command",
 }
 
 __all__ = list(_API)

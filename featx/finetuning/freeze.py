@@ -162,6 +162,22 @@ class FreezeSchedule:
                 module.training = False  # non-recursive: nested groups decide for themselves
 
 
+def parameter_summary(net: FinetuneNet, schedule: FreezeSchedule, epochs: int) -> dict:
+    """How much of ``net`` trains: the parameters of the head and of every block group the schedule
+    opens in some epoch (``trainable``) against all of them (``total``), and the groups that never train."""
+    opened = sorted({i for epoch in range(epochs) for i in schedule.trainable(epoch)})
+    trained = {name for i in opened for name in schedule.groups[i].params}
+    grouped = {name for group in schedule.groups for name in group.params}
+    total = trainable = 0
+    for name, param in net.named_parameters():
+        total += param.numel()
+        if name in trained or name not in grouped:  # outside every group: the head, which always trains
+            trainable += param.numel()
+    return {"trainable": trainable, "total": total,
+            "trained_blocks": [schedule.groups[i].name for i in opened],
+            "frozen_blocks": [g.name for i, g in enumerate(schedule.groups) if i not in opened]}
+
+
 def check_unfreeze(unfreeze: str | None) -> str | None:
     if unfreeze in ("", "none", "all"):
         return None

@@ -6,6 +6,12 @@ pooling) and checked against what is on disk now, so the fine-tuned network sees
 images the probe saw. The test split is the probe's (same protocol, same seed); when the
 probe recorded its test ids, they are compared. Validation is a seeded, stratified hold-out of
 the training rows; the test rows are touched once, at the end.
+
+Two shapes of network: cut right after one layer (the probe's best by default: the blocks
+above it are dropped), or ``full``: kept up to the top of the ladder (the pre-logits embedding),
+the head sitting there, with the probe's best layer as the default point below which blocks
+stay frozen. A full network is the same thing as a cut at its top layer, so both describe (and
+fingerprint) a run alike.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from ..backbones.registry import ModelInfo, build_model, describe_model, parse_m
 from ..cache.entry import FeatureEntry
 from ..cache.store import CacheStore
 from ..data import open_dataset, stratified_limit
+from ..data.crop_rule import dataset_preprocessing
 from ..data.sources import ImageSource
 from ..data.transforms import Preprocessing
 from ..errors import CacheCorruptError, DataError, UsageError
@@ -117,6 +124,11 @@ class Plan:
     head_digest: str | None = None
     probe: ProbeResult | None = None
     entry_key: str | None = None
+    #: ``full``: the network kept to its top layer; where blocks stay frozen unless told otherwise,
+    #: and why the head starts where it does
+    full: bool = False
+    freeze_default: str | None = None
+    head_note: str = ""
 
     @property
     def classes(self) -> list[str]:
@@ -152,20 +164,38 @@ class Plan:
 # ---------------------------------------------------------------------------- shared steps
 
 
-def _cut(info: ModelInfo, pre: Preprocessing, layer, pool: str, token_pool: str) -> tuple[Ladder, Layer, dict]:
-    """The ladder of the model at this input size and the one layer to cut after."""
+def top_layer(ladder: Ladder) -> Layer:
+    """The deepest layer of the ladder: the pre-logits embedding when the network has a classifier."""
+    return max(ladder.layers, key=lambda x: x.order)
+
+
+def refuse_layer_with_full(layer) -> None:
+    if layer is not None:
+        raise UsageError(
+            f"--layer {layer} chooses where to cut the network, and --full keeps all of it (the head sits on the "
+            "top layer). To choose which blocks stay frozen in the full network, use --freeze-below LAYER; to cut "
+            "after a layer, drop --full."
+        )
+
+
+def _cut(info: ModelInfo, pre: Preprocessing, layer, pool: str, token_pool: str,
+         full: bool = False) -> tuple[Ladder, Layer, dict]:
+    """The ladder of the model at this input size and the one layer to cut after (its top when ``full``)."""
     ladder = trace_ladder(build_model(info, image_size=pre.crop_size), pre.crop_size)
     spec = str(layer).strip() if layer is not None else ""
-    if not spec:
+    if full:
+        cut = top_layer(ladder)
+    elif not spec:
         raise UsageError(f"--layer is required with --model: one layer of {info.spec.name} to cut after "
-                         f"(see: featx layers {info.spec.name}).")
-    picked = ladder.select(spec, info.spec.name)
-    if len(picked) != 1:
-        raise UsageError(
-            f"--layer must name exactly one layer to cut after; {spec!r} selects {len(picked)}: "
-            + ", ".join(x.name for x in picked[:8]) + ("..." if len(picked) > 8 else "") + "."
-        )
-    cut = picked[0]
+                         f"(see: featx layers {info.spec.name}), or --full to keep the whole network.")
+    else:
+        picked = ladder.select(spec, info.spec.name)
+        if len(picked) != 1:
+            raise UsageError(
+                f"--layer must name exactly one layer to cut after; {spec!r} selects {len(picked)}: "
+                + ", ".join(x.name for x in picked[:8]) + ("..." if len(picked) > 8 else "") + "."
+            )
+        cut = picked[0]
     rule = layer_rule(cut.kind, cut.has_cls, pool, token_pool)
     return ladder, cut, {"pool": pool, "token_pool": token_pool, "rule": rule}
 
@@ -207,25 +237,28 @@ def _splits(source: ImageSource, usable: np.ndarray, test_seed: int, test_fracti
 # ---------------------------------------------------------------------------- explicit
 
 
-def plan_explicit(dataset, *, model: str, layer, weights=None, checkpoint=None, arch=None, image_size=None,
+def plan_explicit(dataset, *, model: str, layer=None, weights=None, checkpoint=None, arch=None, image_size=None,
                   crop_pct=None, interpolation=None, pool: str = "avg", token_pool: str = "auto",
                   data_root=None, download: bool = True, limit=None, seed: int = 0,
-                  val_fraction: float = 0.2) -> Plan:
-    """``--model M --layer L DATASET``: the same preprocessing rules as ``featx extract``."""
+                  val_fraction: float = 0.2, full: bool = False) -> Plan:
+    """``--model M --layer L DATASET`` (or ``--full``): the same preprocessing rules as ``featx extract``."""
     check_pool(pool, token_pool)
+    if full:
+        refuse_layer_with_full(layer)
     if dataset is None:
         raise UsageError("A dataset is required with --model (e.g. fashion-mnist, folder:PATH); or pass a probe "
                          "result directory instead.")
     source = dataset if isinstance(dataset, ImageSource) else open_dataset(dataset, data_root, download)
     source = stratified_limit(source, limit, seed)
     info = describe_model(parse_model(model, weights=weights, checkpoint=checkpoint, arch=arch))
-    pre = info.preprocessing.override(image_size, crop_pct, interpolation)
-    ladder, cut, pooling = _cut(info, pre, layer, pool, token_pool)
+    pre = dataset_preprocessing(info.preprocessing, source, image_size, crop_pct, interpolation)
+    ladder, cut, pooling = _cut(info, pre, layer, pool, token_pool, full)
     usable = np.ones(len(source), dtype=bool)  # unreadable images are found (and skipped) while training
     fit, val, test, test_source = _splits(source, usable, seed, TEST_FRACTION, seed, val_fraction)
     fingerprint = source.fingerprint()
     fingerprint["limit"] = {"n": limit, "seed": seed} if limit is not None else None
-    return Plan("explicit", source, fit, val, test, test_source, seed, info, pre, ladder, cut, pooling, fingerprint)
+    return Plan("explicit", source, fit, val, test, test_source, seed, info, pre, ladder, cut, pooling, fingerprint,
+                full=full, head_note="a fresh head (no probe result)" if full else "")
 
 
 # ---------------------------------------------------------------------------- from a probe
@@ -292,30 +325,71 @@ def _probe_entry(probe: ProbeResult, cache_dir) -> FeatureEntry | None:
         return None
 
 
+def _probe_head(probe: ProbeResult) -> tuple[LinearHead, str]:
+    """The probe's logistic head and the digest of its file, checked to belong to the probe's entry."""
+    head = LinearHead.load(probe.directory)  # UsageError when the probe ran no logistic head
+    if head.meta.get("entry_key") not in (None, probe.entry["key"]):
+        raise DataError(f"{probe.directory / HEAD_FILE} was fitted on entry {head.meta['entry_key'][:12]}, "
+                        f"not on this result's entry {probe.entry['key'][:12]}.")
+    return head, file_digest(probe.directory / HEAD_FILE)
+
+
+def _full_network_head(head: LinearHead | None, top: Layer, head_init: str) -> tuple[bool, str]:
+    """Whether the full network's head starts from the probe's logistic head, and why (or why not).
+
+    That head was fitted on the probe's best layer; on the features of any other layer its
+    weights mean nothing, so it is used only when the best layer is the top one.
+    """
+    if head_init == "random":
+        return False, "a fresh head (--head-init random)"
+    if head is None:
+        return False, f"a fresh head (the probe ran no logistic head: no {HEAD_FILE})"
+    if head.layer == top.name:
+        return True, f"the probe's logistic head on {top.name} (LP-FT)"
+    if head_init == "lpft":
+        raise UsageError(
+            f"--head-init lpft starts from the probe's logistic head, which was fitted on {head.layer}; with --full "
+            f"the head sits on {top.name}, the top of the network, whose features that head has never seen. Leave "
+            "--head-init at auto (a fresh head trained alone first, then the blocks: linear probing, then "
+            "fine-tuning), pass --head-init random, or drop --full to cut the network at "
+            f"{head.layer} and start from the probe's head there."
+        )
+    return False, f"a fresh head (the probe's logistic head was fitted on {head.layer}, not on {top.name})"
+
+
 def plan_from_results(results, *, layer=None, head_init: str = "lpft", checkpoint=None, data_root=None,
-                      download: bool = True, cache_dir=None, seed: int = 0, val_fraction: float = 0.2) -> Plan:
-    """The probe's data, model, preprocessing and pooling; its best layer unless ``layer`` is given."""
+                      download: bool = True, cache_dir=None, seed: int = 0, val_fraction: float = 0.2,
+                      full: bool = False) -> Plan:
+    """The probe's data, model, preprocessing and pooling; cut after its best layer unless ``layer`` is
+    given, or (``full``) kept to the top layer with the best layer as the default freeze point.
+
+    With ``full``, ``head_init`` may be ``auto``: the probe's logistic head when it was fitted
+    on the top layer, else a fresh one (``Plan.head`` is None; ``Plan.head_note`` says why).
+    """
     probe = read_probe_result(results)
     config = probe.entry["config"]
-    head = head_digest = None
-    if head_init == "lpft":
-        head = LinearHead.load(probe.directory)  # UsageError when the probe ran no logistic head
-        head_digest = file_digest(probe.directory / HEAD_FILE)
-        if head.meta.get("entry_key") not in (None, probe.entry["key"]):
-            raise DataError(f"{probe.directory / HEAD_FILE} was fitted on entry {head.meta['entry_key'][:12]}, "
-                            f"not on this result's entry {probe.entry['key'][:12]}.")
-    default_layer = head.layer if head is not None else probe.best_layer
-    if head is not None and layer is not None and str(layer) != head.layer:
+    if full:
+        refuse_layer_with_full(layer)
+    probe_head = probe_head_digest = None
+    if head_init == "lpft" or (full and head_init == "auto" and (probe.directory / HEAD_FILE).is_file()):
+        probe_head, probe_head_digest = _probe_head(probe)
+    default_layer = probe_head.layer if probe_head is not None else probe.best_layer
+    if not full and probe_head is not None and layer is not None and str(layer) != probe_head.layer:
         raise UsageError(
-            f"LP-FT starts from the probe's logistic head, which was fitted on layer {head.layer!r}; it cannot "
-            f"initialise a head on {str(layer)!r}. Drop --layer, or pass --head-init random."
+            f"LP-FT starts from the probe's logistic head, which was fitted on layer {probe_head.layer!r}; it "
+            f"cannot initialise a head on {str(layer)!r}. Drop --layer, or pass --head-init random."
         )
     source = _source_from_config(config["dataset"], data_root, download)
     info = _model_from_config(config["model"], checkpoint)
     pre = Preprocessing.from_dict(config["preprocessing"])
     pooling = config["pooling"]
     ladder, cut, pooling = _cut(info, pre, layer if layer is not None else default_layer,
-                                pooling["pool"], pooling["token_pool"])
+                                pooling["pool"], pooling["token_pool"], full)
+    head, head_digest, head_note = probe_head, probe_head_digest, ""
+    if full:
+        use_probe_head, head_note = _full_network_head(probe_head, cut, head_init)
+        if not use_probe_head:
+            head = head_digest = None
 
     entry = _probe_entry(probe, cache_dir)
     usable = np.ones(len(source), dtype=bool)
@@ -330,9 +404,10 @@ def plan_from_results(results, *, layer=None, head_init: str = "lpft", checkpoin
     else:
         log.warning("the probe's cache entry %s is gone; assuming every image is readable", probe.entry["key"][:12])
     fit, val, test, test_source = _splits(source, usable, probe.seed, probe.test_fraction, seed, val_fraction)
-    if head is not None and head.meta.get("test_ids") is not None:
-        if sorted(map(str, head.meta["test_ids"])) != sorted(str(i) for i in source.ids[test]):
+    if probe_head is not None and probe_head.meta.get("test_ids") is not None:
+        if sorted(map(str, probe_head.meta["test_ids"])) != sorted(str(i) for i in source.ids[test]):
             raise DataError("The test split rebuilt here differs from the probe's recorded test ids; the data or "
                             "the protocol changed since the probe ran. Re-run the probe.")
     return Plan("results", source, fit, val, test, test_source, probe.seed, info, pre, ladder, cut, pooling,
-                dict(config["dataset"]), head, head_digest, probe, probe.entry["key"])
+                dict(config["dataset"]), head, head_digest, probe, probe.entry["key"], full,
+                probe.best_layer if full else None, head_note)

@@ -37,6 +37,9 @@ class FinetuneResult:
     sweep: list[dict] | None = None
     sweep_table: str | None = None
     extra: dict = field(default_factory=dict)
+    #: cut after a layer or full (kept to its top layer), frozen below which layer, trainable and
+    #: total parameters, where the head started; empty in files written before it was recorded
+    network: dict = field(default_factory=dict)
 
     @property
     def test_top1(self) -> float:

@@ -32,10 +32,11 @@ from ..errors import UsageError
 from .augment import Augmentation
 from .checkpoint import CHECKPOINT_FILE, check_same_run, fingerprint, load_checkpoint, save_checkpoint
 from .export import MODEL_FILE, SPEC_FILE, model_description, save_finetuned
-from .freeze import resolve_freeze_below
+from .freeze import parameter_summary, resolve_freeze_below
+from .full import describe_network, full_network_options
 from .metrics import score_logits
 from .options import TrainOptions
-from .plan import RESULTS_FILE, Plan, plan_explicit, plan_from_results
+from .plan import RESULTS_FILE, Plan, plan_explicit, plan_from_results, refuse_layer_with_full
 from .plots import plot_curves
 from .result import VERSION, FinetuneResult
 from .sweep import best_row, format_table, grid_points, parse_sweep, point_label
@@ -67,11 +68,15 @@ def run_config(plan: Plan, opts: TrainOptions, device: Device, batch_size: int, 
     }
 
 
-def default_out_dir(plan: Plan, head_init: str, key: str, kind: str = "finetune") -> Path:
+def default_out_dir(plan: Plan, head_init: str, key: str, kind: str = "finetune",
+                    freeze_below: str | None = None) -> Path:
     """``finetune/`` beside the probe's result folder (never inside it: a new probe replaces that
     folder whole), or ``featx-results/finetune/`` for explicit runs; named by the fingerprint."""
     prefix = "" if kind == "finetune" else f"{kind}-"
-    cut = f"{slug(plan.layer.name)}-{head_init}-{key[:10]}"
+    shape = slug(plan.layer.name)
+    if plan.full:
+        shape = f"full-from-{slug(freeze_below)}" if freeze_below else "full"
+    cut = f"{shape}-{head_init}-{key[:10]}"
     if plan.probe is not None:
         return plan.probe.directory.parent / "finetune" / f"{prefix}{plan.probe.directory.name}-{cut}"
     return DEFAULT_ROOT / f"{prefix}{slug(plan.dataset['source'])}-{slug(plan.model_name)}-{cut}"
@@ -119,7 +124,9 @@ def run_one(plan: Plan, opts: TrainOptions, device: Device, *, out_dir=None, res
     freeze_layer = resolve_freeze_below(opts.freeze_below, plan.ladder, plan.layer, plan.model_name)
     config = run_config(plan, opts, device, batch_size, freeze_layer.name if freeze_layer else None)
     key = fingerprint(config)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(plan, opts.head_init, key)
+    freeze_name = freeze_layer.name if freeze_layer else None
+    out = Path(out_dir) if out_dir is not None else default_out_dir(plan, opts.head_init, key,
+                                                                    freeze_below=freeze_name)
 
     check_target(out, FINETUNE, replace=False)
     finished = _finished(out, config, resume)
@@ -152,6 +159,8 @@ def run_one(plan: Plan, opts: TrainOptions, device: Device, *, out_dir=None, res
         extra={"featx_version": __version__, "wall_seconds_this_call": time.perf_counter() - started,
                "classes": plan.classes, "splits": {"fit": len(plan.fit), "val": len(plan.val),
                                                    "test": len(plan.test), "test_source": plan.test_source}},
+        network=describe_network(plan, opts, freeze_name,
+                                 parameter_summary(trainer.net, trainer.schedule, opts.epochs)),
     )
     _write_outputs(plan, opts, trainer, result)
     return result
@@ -174,7 +183,8 @@ def _train(trainer: Trainer, out: Path, checkpoint: dict | None, config: dict, k
 
 
 def _probe_comparison(plan: Plan, test: dict) -> dict | None:
-    """The probe's test accuracy at the same layer, and how far fine-tuning moved it.
+    """The probe's test accuracy at the same layer (a full network: at the probe's best layer), and
+    how far fine-tuning moved it.
 
     Both are ``test_top1`` from ``featx.evaluation`` on the probe's test split; the difference
     is left out (None) when the two were not scored on the same number of test images (images
@@ -182,10 +192,11 @@ def _probe_comparison(plan: Plan, test: dict) -> dict | None:
     """
     if plan.probe is None:
         return None
-    probe = plan.probe.accuracy_at(plan.layer.name)
+    layer = plan.probe.best_layer if plan.full else plan.layer.name
+    probe = plan.probe.accuracy_at(layer)
     ref = probe["logreg_test_top1"]
     logreg = next((r for r in plan.probe.data.get("rows", [])
-                   if r.get("layer") == plan.layer.name and r.get("head") == "logreg"), {})
+                   if r.get("layer") == layer and r.get("head") == "logreg"), {})
     same_rows = logreg.get("n_test") in (None, test["n_test"])
     probe["delta_top1_vs_logreg"] = test["test_top1"] - ref if ref is not None and same_rows else None
     return probe
@@ -199,7 +210,11 @@ def _write_outputs(plan: Plan, opts: TrainOptions, trainer: Trainer, result: Fin
         plan.layer, plan.pooling, opts.dropout, plan.pre, plan.classes,
     )
     result.paths = save_finetuned(out, trainer.net.cpu(), description)
-    title = (f"{plan.dataset['source']} · {plan.model_name} cut at {plan.layer.name} · head {opts.head_init} · "
+    network = result.network
+    shape = f"cut at {plan.layer.name}" if network["mode"] == "cut" else "full network"
+    if network["freeze_below"]:
+        shape += f", frozen below {network['freeze_below']}"
+    title = (f"{plan.dataset['source']} · {plan.model_name} {shape} · head {opts.head_init} · "
              f"test top-1 {result.test['test_top1']:.4f}")
     result.paths["curves"] = plot_curves(trainer.history, out / CURVES_FILE, title, trainer.best.epoch)
     result.paths["result"] = out / RESULT_FILE
@@ -218,7 +233,9 @@ def run_sweep(plan: Plan, opts: TrainOptions, grid: dict, device: Device, *, out
     key = fingerprint({"format": CONFIG_FORMAT, "problem": plan.describe(opts.head_init),
                        "training": base.to_dict(), "grid": grid,
                        "device": {"type": device.torch_device.type, "precision": device.precision}})
-    root = Path(out_dir) if out_dir is not None else default_out_dir(plan, opts.head_init, key, kind="sweep")
+    freeze_layer = resolve_freeze_below(base.freeze_below, plan.ladder, plan.layer, plan.model_name)
+    root = Path(out_dir) if out_dir is not None else default_out_dir(
+        plan, opts.head_init, key, kind="sweep", freeze_below=freeze_layer.name if freeze_layer else None)
     claim(root, SWEEP)
     rows, results = [], []
     for point in points:
@@ -255,6 +272,7 @@ def finetune(
     results: str | os.PathLike | None = None,
     model: str | None = None,
     layer: str | int | None = None,
+    full: bool = False,
     weights: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     arch: str | None = None,
@@ -274,7 +292,7 @@ def finetune(
     weight_decay: float | None = None,
     momentum: float = 0.9,
     warmup_epochs: float = 0.5,
-    head_warmup_epochs: int = 0,
+    head_warmup_epochs: int | None = None,
     freeze_below: str | int | None = None,
     unfreeze: str | None = None,
     label_smoothing: float = 0.0,
@@ -294,15 +312,23 @@ def finetune(
     sweep: str | dict | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> FinetuneResult:
-    """Fine-tune a backbone cut after one layer, from a probe result (LP-FT) or explicitly.
+    """Fine-tune a backbone cut after one layer, or the full network with its lower blocks frozen,
+    from a probe result or explicitly.
 
     From a probe: ``finetune(results="featx-results/probe-...")`` (or that directory as the
     first argument, without ``model``) takes the probe's best layer,
-    its data, model, preprocessing and pooling, and starts the head from its logistic
-    regression (``head_init="lpft"``, the default there). Explicitly:
+    its data, model, preprocessing and pooling, cuts the network after that layer and starts
+    the head from its logistic regression (``head_init="lpft"``, the default there). Explicitly:
     ``finetune("fashion-mnist", model="efficientnet_lite0", layer="blocks.5")`` with a random
     head. ``sweep="lr=1e-2,1e-3 epochs=1,3"`` runs the grid and returns the run with the best
     validation accuracy, with ``.sweep_table``.
+
+    ``full=True`` keeps the network up to its top layer (the pre-logits embedding) and puts the
+    head there; ``freeze_below`` (default with a probe result: its best layer) is the first
+    block that trains, every block below it stays frozen. ``layer`` is refused with it. With
+    ``head_init="auto"`` the head starts from the probe's logistic head only when that was
+    fitted on the top layer; otherwise it starts fresh and trains alone for
+    ``head_warmup_epochs`` (default 1) before the blocks join.
     """
     if results is None and model is None and _is_probe_result(source):
         results, source = source, None  # featx finetune RESULTS_DIR
@@ -327,17 +353,21 @@ def finetune(
                 "pooling come from the probe's cache entry so that fine-tuning sees what the probe saw. Use "
                 "--model M --layer L DATASET to choose them yourself."
             )
-    if head_init == "auto":
+    if full:
+        refuse_layer_with_full(layer)
+    requested_head_init = head_init
+    if head_init == "auto" and not full:  # a full network decides once it knows its top layer
         head_init = "lpft" if results is not None else "random"
     if head_init == "lpft" and results is None:
         raise UsageError("LP-FT starts from a probe's logistic head: pass a probe result directory "
                          "(featx finetune RESULTS_DIR), or --head-init random to fine-tune from a random head.")
     opts = TrainOptions(
         epochs=epochs, lr=lr, backbone_lr_ratio=backbone_lr_ratio, optimizer=optimizer, weight_decay=weight_decay,
-        momentum=momentum, warmup_epochs=warmup_epochs, head_warmup_epochs=head_warmup_epochs,
+        momentum=momentum, warmup_epochs=warmup_epochs,
+        head_warmup_epochs=head_warmup_epochs if head_warmup_epochs is not None else 0,
         freeze_below=freeze_below, unfreeze=unfreeze, label_smoothing=label_smoothing, dropout=dropout,
         augment=augment, batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed,
-        head_init=head_init, bn_stats=bn_stats,
+        head_init="random" if head_init == "auto" else head_init, bn_stats=bn_stats,
     )
     opts.check()
     grid = parse_sweep(sweep)
@@ -352,12 +382,17 @@ def finetune(
     if results is not None:
         plan = plan_from_results(results, layer=layer, head_init=head_init, checkpoint=checkpoint,
                                  data_root=data_root, download=download, cache_dir=cache_dir, seed=seed,
-                                 val_fraction=val_fraction)
+                                 val_fraction=val_fraction, full=full)
     else:
         plan = plan_explicit(source, model=model, layer=layer, weights=weights, checkpoint=checkpoint, arch=arch,
                              image_size=image_size, crop_pct=crop_pct, interpolation=interpolation, pool=pool,
                              token_pool=token_pool, data_root=data_root, download=download, limit=limit,
-                             seed=seed, val_fraction=val_fraction)
+                             seed=seed, val_fraction=val_fraction, full=full)
+    if full:
+        opts = full_network_options(plan, opts, requested_head_init, head_warmup_epochs, freeze_below)
+        opts.check()
+        for point in grid_points(grid) if grid else ():
+            opts.replace(**point).check()
     if grid:
         return run_sweep(plan, opts, grid, dev, out_dir=out_dir, progress=progress, workers=workers)
     return run_one(plan, opts, dev, out_dir=out_dir, resume=resume, progress=progress, workers=workers)

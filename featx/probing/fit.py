@@ -32,10 +32,24 @@ class CellResult:
     row: dict
     test_pred: np.ndarray
     model: object | None  # the refit Pipeline (None when too large to ship back, e.g. k-NN)
+    val_rows: np.ndarray | None = None  # rows (of the entry's readable images) selection scored
+    val_pred: np.ndarray | None = None  # the chosen parameters' predictions of them
+
+
+@dataclass
+class Selection:
+    """What selection chose, and the chosen parameters' predictions on the validation rows, which
+    let later comparisons (layers, heads, backbones) be paired on the same rows without the test."""
+
+    params: dict
+    scores: list[float]  # mean validation accuracy per evaluated grid entry
+    notes: list[str]
+    val_rows: np.ndarray  # rows of X scored, fold after fold
+    val_pred: np.ndarray  # the chosen parameters' predictions of them
 
 
 def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int, device: str = "cpu",
-           n_rows: int | None = None) -> tuple[dict, list[float], list[str]]:
+           n_rows: int | None = None) -> Selection:
     """Best parameters by mean validation accuracy over ``folds`` (rows of ``X``).
 
     Ties go to the earlier grid entry (grids are ordered from the most regularised).
@@ -43,23 +57,28 @@ def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int, device: s
     variant of a size-dependent head (exact or approximate SVM).
     """
     n_rows = len(y) if n_rows is None else n_rows
+    val_rows = np.concatenate([np.asarray(v, dtype=np.int64) for _, v in folds]) if folds else np.zeros(0, np.int64)
     grid = feasible_grid(head, n_rows, folds)
     if not grid:
-        return {}, [], []
+        return Selection({}, [], [], val_rows[:0], np.zeros(0, np.int64))
     engine = head.engine(device)
     on_device = engine.arrays == "torch"
+    predictions: list[list[np.ndarray]] = [[] for _ in grid]  # per grid entry, one array per fold
     totals = np.zeros(len(grid))
     stopped = len(grid)
     notes: set[str] = set()
     for fit_idx, val_idx in folds:
         X_fit, X_val, y_fit, y_val = X[fit_idx], X[val_idx], y[fit_idx], y[val_idx]
+        truth = y_val
         if on_device:
-            X_fit, X_val, y_fit, y_val = (to_device(a, device) for a in (X_fit, X_val, y_fit, y_val))
+            X_fit, X_val, y_fit = (to_device(a, device) for a in (X_fit, X_val, y_fit))
         with array_api(on_device):
             scaler = _fit_scaler(StandardScaler(), X_fit)
             X_fit, X_val = _standardise(scaler, X_fit), _standardise(scaler, X_val)
-            if engine.score_grid is not None:
-                totals += engine.score_grid(X_fit, y_fit, X_val, y_val, grid, device=device)
+            if engine.predict_grid is not None:
+                for i, pred in enumerate(engine.predict_grid(X_fit, y_fit, X_val, grid, device=device)):
+                    predictions[i].append(to_numpy(pred))
+                    totals[i] += float(np.mean(predictions[i][-1] == truth))
                 continue
             clf = engine.build(n_rows, seed, device)  # the variant (e.g. exact or approximate SVM) follows the size
             if head.warm_start:
@@ -72,13 +91,15 @@ def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int, device: s
                     warnings.simplefilter("always", ConvergenceWarning)
                     clf.fit(X_fit, y_fit)
                 notes.update(_convergence_notes(caught, params))
-                totals[i] += float(clf.score(X_val, y_val))
+                predictions[i].append(to_numpy(clf.predict(X_val)))
+                totals[i] += float(np.mean(predictions[i][-1] == truth))  # clf.score's accuracy
                 if head.warm_start and len(folds) == 1 and _path_has_turned(totals[: i + 1]):
                     stopped = i + 1
                     break
     scores = list(totals[:stopped] / len(folds))
     best = int(np.argmax(scores))
-    return dict(grid[best]), [float(s) for s in scores], sorted(notes)
+    return Selection(dict(grid[best]), [float(s) for s in scores], sorted(notes), val_rows,
+                     np.concatenate(predictions[best]).astype(np.int64))
 
 
 def feasible_grid(head: Head, n: int, folds) -> list[dict]:
@@ -157,7 +178,8 @@ def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.nd
     with threadpool_limits(limits=blas_threads), torch_budget:
         # folds as rows of X: only the (bounded) selection rows are ever copied out of the shared array
         row_folds = [(selection_rows[fit], selection_rows[val]) for fit, val in folds]
-        params, grid_scores, notes = select(head, X, y, row_folds, seed, device, n_rows=len(selection_rows))
+        chosen = select(head, X, y, row_folds, seed, device, n_rows=len(selection_rows))
+        params, grid_scores, notes = chosen.params, chosen.scores, chosen.notes
         X_train, y_train, X_test = X[train], y[train], X[test]
         if on_device:
             X_train, y_train, X_test = (to_device(a, device) for a in (X_train, y_train, X_test))
@@ -180,7 +202,8 @@ def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.nd
         **metrics, "fit_seconds": round(fit_seconds, 3), "n_train": int(len(train)), "n_test": int(len(test)),
         "engine": engine.name, "device": device, "notes": notes,
     }
-    return CellResult(row, pred.astype(np.int64), portable(model) if keep_model else None)
+    return CellResult(row, pred.astype(np.int64), portable(model) if keep_model else None, chosen.val_rows,
+                      chosen.val_pred)
 
 
 def _plain(params: dict) -> dict:

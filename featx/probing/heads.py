@@ -40,19 +40,19 @@ class Engine:
     """One way to fit a head: an estimator builder and the devices it serves.
 
     ``arrays="torch"``: scikit-learn's own estimator, fitted on torch tensors on the device
-    through its array API. ``score_grid``: a fast path that scores the whole grid at once.
+    through its array API. ``predict_grid``: a fast path that predicts for the whole grid at once.
     """
 
     name: str
     build: Callable[[int, int, str], BaseEstimator]  # (n_train, seed, device) -> unfitted estimator
     devices: tuple[str, ...] = ("cpu", "cuda")
     arrays: str = "numpy"
-    score_grid: Callable | None = field(default=None, compare=False)
+    predict_grid: Callable | None = field(default=None, compare=False)
     torch_on: tuple[str, ...] = ()  # device types where it computes with torch (whose threads then need a budget)
 
 
-def _sklearn_engine(build: Callable[[int, int], BaseEstimator], score_grid=None) -> Engine:
-    return Engine("scikit-learn", lambda n, seed, device: build(n, seed), score_grid=score_grid)
+def _sklearn_engine(build: Callable[[int, int], BaseEstimator]) -> Engine:
+    return Engine("scikit-learn", lambda n, seed, device: build(n, seed))
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,10 @@ def _exact_knn(n, seed, device):
     return CosineKNeighborsClassifier(device=device)
 
 
-def _exact_knn_score_grid(X_fit, y_fit, X_val, y_val, grid: Sequence[dict], device: str = "cpu") -> list[float]:
-    from .knn import score_grid
+def _exact_knn_predict_grid(X_fit, y_fit, X_val, grid: Sequence[dict], device: str = "cpu") -> list:
+    from .knn import grid_predictions
 
-    return score_grid(X_fit, y_fit, X_val, y_val, [p["n_neighbors"] for p in grid], device=device)
+    return grid_predictions(X_fit, y_fit, X_val, [p["n_neighbors"] for p in grid], device=device)[0]
 
 
 def _array_api_logreg(n, seed, device):
@@ -170,7 +170,7 @@ HEADS: dict[str, Head] = {
     "mlp": Head("mlp", (Engine("torch", _torch_mlp, ("cuda",), torch_on=("cuda",)), _sklearn_engine(_mlp)),
                 [{"alpha": a} for a in (1e-4, 1e-2)],
                 description="one hidden layer of 512, early stopping, L2 alpha on a grid"),
-    "knn": Head("knn", (Engine("featx", _exact_knn, score_grid=_exact_knn_score_grid, torch_on=("cuda",)),),
+    "knn": Head("knn", (Engine("featx", _exact_knn, predict_grid=_exact_knn_predict_grid, torch_on=("cuda",)),),
                 [{"n_neighbors": k} for k in (1, 5, 10, 20, 50)],
                 description="k nearest neighbours, cosine distance (exact; numpy on a CPU, torch on a GPU)"),
 }

@@ -52,6 +52,25 @@ BACKENDS = ("loky", "threading", "dask")
 
 
 @dataclass
+class Predictions:
+    """Every cell's predictions, row for row: what paired comparisons of layers, heads and
+    backbones need (the same rows judged by two classifiers), kept out of results.json.
+
+    Rows count the entry's readable images; ``cells[(layer, head)]`` holds ``val_rows`` (the rows
+    selection scored), ``val_pred`` (the chosen parameters' predictions of them) and ``test_pred``
+    (of ``test``)."""
+
+    ids: np.ndarray
+    y: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+    cells: dict[tuple[str, str], dict[str, np.ndarray | None]] = field(default_factory=dict)
+
+    def test_pred(self, row: dict) -> np.ndarray:
+        return self.cells[(row["layer"], row["head"])]["test_pred"]
+
+
+@dataclass
 class ProbeResults:
     """What ``probe`` found: one row per (layer, head), the best cell, advice and the files written."""
 
@@ -63,6 +82,7 @@ class ProbeResults:
     out_dir: Path | None = None
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    predictions: Predictions | None = field(default=None, repr=False)
 
     def best_per_head(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -125,18 +145,21 @@ def probe(
     progress: bool = True,
     device: str = "auto",
     selection_rows: int | None = SELECTION_ROWS,
+    advice_dir: str | os.PathLike | None = None,
 ) -> ProbeResults:
     """Probe the layers of a cache entry with scikit-learn heads (see design §4).
 
     ``heads``: names (``"logreg,knn"``), ``featx.probing.Head`` objects, or a dict of
     ``{name: estimator}`` / ``{name: (estimator, grid)}`` for any scikit-learn classifier.
-    Writes results.json, results.csv, layers.png, confusion.png, best_head.joblib and
-    linear_head.npz into ``out_dir`` (default ``featx-results/<entry>``; ``out_dir=False``
+    Writes results.json, results.csv, report.html, layers.png, confusion.png, best_head.joblib
+    and linear_head.npz into ``out_dir`` (default ``featx-results/<entry>``; ``out_dir=False``
     writes nothing).
 
     ``device``: where the heads compute (``auto``, ``cpu``, ``cuda``, ``cuda:N``), as for
     extraction. ``selection_rows``: hyper-parameters are chosen on at most this many fitting
     rows per fold (a stratified sample; 0 or None = all), then refit on every training row.
+    ``advice_dir``: the folder the advice's commands name (default ``out_dir``), for results
+    that are moved into place afterwards (``featx compare`` writes its models' results so).
     """
     t_start = time.perf_counter()
     if backend not in BACKENDS:
@@ -194,11 +217,16 @@ def probe(
     }
     from ..report.advice import recommend
 
+    predictions = Predictions(ids, y, splits.train, splits.test, {
+        (c.row["layer"], c.row["head"]): {"val_rows": c.val_rows, "val_pred": c.val_pred, "test_pred": c.test_pred}
+        for c in cells})
     results = ProbeResults(
-        rows=rows, best=best_cell.row, recommendation=recommend(rows, best_cell.row, len(splits.train), n_classes),
-        protocol=protocol,
+        rows=rows, best=best_cell.row, protocol=protocol,
+        recommendation=recommend(rows, best_cell.row, len(splits.train), n_classes, predictions=predictions,
+                                 results_dir=advice_dir or target),
         entry={"key": entry.key, "path": str(entry.path), "model": entry.model, "dataset": entry.dataset,
                "classes": entry.classes, "config": entry.config},
+        predictions=predictions,
     )
     results.seconds = time.perf_counter() - t_start
     if out_dir is not False:
@@ -286,7 +314,7 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
                 row = {**cell.row, "layer": r.name, "index": r.index, "depth": r.depth, "order": r.order,
                        "width": r.width, "pool": r.pool,
                        "notes": [*cell.row["notes"], f"identical features to {same_as}"]}
-                out.append(CellResult(row, cell.test_pred, cell.model))
+                out.append(CellResult(row, cell.test_pred, cell.model, cell.val_rows, cell.val_pred))
         return out
     finally:
         bar.close()

@@ -43,7 +43,9 @@ def write_results(results, target: Path, best_cell, entry, ids, y, splits, plots
     import joblib
     import sklearn
 
+    from .html import write_html
     from .plots import ConfusionDisplay, LayerCurveDisplay
+    from .probe_html import probe_report_blocks, probe_report_title
 
     target = Path(target)
     files = {"json": "results.json", "csv": "results.csv"}
@@ -60,15 +62,20 @@ def write_results(results, target: Path, best_cell, entry, ids, y, splits, plots
         files["best_head"] = "best_head.joblib"
         if linear_head is not None:  # built by the probe: reporting does not depend on probing
             files["linear_head"] = linear_head.save(tmp).name
-        if plots:
+        layer_png = confusion_png = None
+        if plots:  # each figure rendered once: the report embeds the bytes of its PNG file
             title = f"{entry.dataset} × {entry.model}"
-            LayerCurveDisplay.from_rows(results.rows, title=title, best=best).save(tmp / "layers.png")
-            ConfusionDisplay.from_predictions(
+            layer_png = LayerCurveDisplay.from_rows(results.rows, title=title, best=best).save(
+                tmp / "layers.png").read_bytes()
+            confusion_png = ConfusionDisplay.from_predictions(
                 y[splits.test], best_cell.test_pred, entry.classes,
                 title=f"{best['head']} on {best['layer']}: test top-1 {best['test_top1']:.3f}",
-            ).save(tmp / "confusion.png")
+            ).save(tmp / "confusion.png").read_bytes()
             files.update(plot="layers.png", confusion="confusion.png")
+        files["report"] = "report.html"
         results.files = files
+        write_html(tmp / "report.html", probe_report_title(results),
+                   probe_report_blocks(results, layer_png, confusion_png))
         write_csv(tmp / "results.csv", results.rows, best)
         write_json(tmp / "results.json", results.to_dict())
     results.out_dir = target

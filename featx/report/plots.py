@@ -129,3 +129,75 @@ class ConfusionDisplay:
     def save(self, path: str | Path) -> Path:
         self.figure_.savefig(path)
         return Path(path)
+
+
+@dataclass
+class BackboneCurveDisplay:
+    """Test accuracy against relative depth, one line per backbone at its best head (``featx compare``);
+    random-init baselines dashed, 95% intervals shaded, each backbone's chosen layer marked."""
+
+    figure_: object
+    ax_: object
+
+    @classmethod
+    def from_comparison(cls, curves: dict[str, list[dict]], leaderboard: list[dict], title: str = "",
+                        ) -> BackboneCurveDisplay:
+        fig = _figure((8, 4.8))
+        ax = fig.add_subplot()
+        rows = {r["model"]: r for r in leaderboard}
+        for model, curve in curves.items():
+            row = rows[model]
+            depth = np.array([p["depth"] for p in curve])
+            acc = np.array([p["test_top1"] for p in curve])
+            lo = np.array([p["test_top1_ci"][0] for p in curve])
+            hi = np.array([p["test_top1_ci"][1] for p in curve])
+            (line,) = ax.plot(depth, acc, marker="o", linestyle="--" if row.get("baseline_of") else "-",
+                              label=f"{model} ({row['head']})")
+            ax.fill_between(depth, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+            ax.plot([row["depth"]], [row["test_top1"]], marker="*", markersize=13, color=line.get_color(),
+                    linestyle="none")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel("relative depth (0 = input, 1 = embedding); star: layer chosen on validation data")
+        ax.set_ylabel("test top-1 accuracy")
+        ax.set_title(title or "Probe accuracy by depth, per backbone", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(title="backbone (head)", fontsize=8)
+        fig.tight_layout()
+        return cls(fig, ax)
+
+    def save(self, path: str | Path) -> Path:
+        self.figure_.savefig(path)
+        return Path(path)
+
+
+@dataclass
+class LearningCurveDisplay:
+    """Test accuracy against labelled images per class (``--shots``), mean with min-max band."""
+
+    figure_: object
+    ax_: object
+
+    @classmethod
+    def from_shots(cls, shots: dict[str, dict], title: str = "") -> LearningCurveDisplay:
+        fig = _figure((7, 4.4))
+        ax = fig.add_subplot()
+        for model, curve in shots.items():
+            points = curve["points"]
+            x = np.array([p["n_train"] / max(1, curve.get("n_classes", 1)) if p["shots"] == "all" else p["shots"]
+                          for p in points], dtype=float)
+            mean = np.array([p["mean"] for p in points])
+            (line,) = ax.plot(x, mean, marker="o", label=f"{model} ({curve['head']} on {curve['layer']})")
+            ax.fill_between(x, [p["min"] for p in points], [p["max"] for p in points], color=line.get_color(),
+                            alpha=0.15, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training images per class (last point: all)")
+        ax.set_ylabel("test top-1 accuracy")
+        ax.set_title(title or "How many labels are needed", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return cls(fig, ax)
+
+    def save(self, path: str | Path) -> Path:
+        self.figure_.savefig(path)
+        return Path(path)
