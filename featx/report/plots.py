@@ -39,6 +39,17 @@ def _depth_labels(layers: list[tuple[float, str]], min_gap: float = 0.04) -> lis
     return labels
 
 
+def _accuracy_curve(ax, curve: list[dict], band_alpha: float, **line_kw):
+    """Test accuracy against depth as a line with its 95% interval shaded; the line and its arrays."""
+    depth = np.array([p["depth"] for p in curve])
+    acc = np.array([p["test_top1"] for p in curve])
+    lo = np.array([p["test_top1_ci"][0] for p in curve])
+    hi = np.array([p["test_top1_ci"][1] for p in curve])
+    (line,) = ax.plot(depth, acc, marker="o", **line_kw)
+    ax.fill_between(depth, lo, hi, color=line.get_color(), alpha=band_alpha, linewidth=0)
+    return line, (depth, acc, lo, hi)
+
+
 @dataclass
 class LayerCurveDisplay:
     """Test accuracy against relative depth, one line per head, 95% intervals shaded."""
@@ -53,12 +64,7 @@ class LayerCurveDisplay:
         heads = list(dict.fromkeys(r["head"] for r in rows))
         for head in heads:
             curve = sorted((r for r in rows if r["head"] == head), key=lambda r: r["order"])
-            depth = np.array([r["depth"] for r in curve])
-            acc = np.array([r["test_top1"] for r in curve])
-            lo = np.array([r["test_top1_ci"][0] for r in curve])
-            hi = np.array([r["test_top1_ci"][1] for r in curve])
-            (line,) = ax.plot(depth, acc, marker="o", label=head)
-            ax.fill_between(depth, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
+            line, (depth, acc, lo, hi) = _accuracy_curve(ax, curve, band_alpha=0.18, label=head)
             ax.errorbar(depth, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor=line.get_color(), capsize=2,
                         alpha=0.8)
         layers = sorted({(r["depth"], r["layer"]) for r in rows})
@@ -147,13 +153,8 @@ class BackboneCurveDisplay:
         rows = {r["model"]: r for r in leaderboard}
         for model, curve in curves.items():
             row = rows[model]
-            depth = np.array([p["depth"] for p in curve])
-            acc = np.array([p["test_top1"] for p in curve])
-            lo = np.array([p["test_top1_ci"][0] for p in curve])
-            hi = np.array([p["test_top1_ci"][1] for p in curve])
-            (line,) = ax.plot(depth, acc, marker="o", linestyle="--" if row.get("baseline_of") else "-",
-                              label=f"{model} ({row['head']})")
-            ax.fill_between(depth, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+            line, _ = _accuracy_curve(ax, curve, band_alpha=0.15, label=f"{model} ({row['head']})",
+                                      linestyle="--" if row.get("baseline_of") else "-")
             ax.plot([row["depth"]], [row["test_top1"]], marker="*", markersize=13, color=line.get_color(),
                     linestyle="none")
         ax.set_xlim(-0.03, 1.03)
