@@ -46,8 +46,7 @@ class Contender:
 
     @property
     def slug(self) -> str:
-        text = self.label.replace(" (random init)", "-random-init")
-        return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+        return _slug(self.label.replace(" (random init)", "-random-init"))
 
 
 @dataclass
