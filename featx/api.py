@@ -105,7 +105,7 @@ def check_probe_data(dataset, *, limit: int | None = None, seed: int = 0, cv: in
 def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=None, probe_layers=None,
         cv: int | None = None, jobs: int | None = None, backend: str = "loky", scheduler: str | None = None,
         out_dir=None, seed: int = 0, progress: bool = True, selection_rows: int | None = SELECTION_ROWS,
-        **extract_options) -> ProbeResults:
+        plots: bool = True, **extract_options) -> ProbeResults:
     """The main job: extract (through the cache) then probe every extracted layer and report.
 
     Returns the :class:`~featx.probing.ProbeResults` of the probe.
@@ -113,9 +113,11 @@ def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=Non
     from ._resultdir import PROBE, check_target
     from .extraction import extract
     from .probing import probe
+    from .probing.heads import resolve_heads
 
+    resolve_heads(heads)  # a mistyped head is refused before the extraction, not after it
     if out_dir:
-        check_target(out_dir, PROBE)  # refused before the extraction, not after it
+        check_target(out_dir, PROBE)
     dataset = check_probe_data(dataset, limit=extract_options.get("limit"), seed=seed, cv=cv,
                                data_root=extract_options.get("data_root"),
                                download=extract_options.get("download", True),
@@ -123,4 +125,5 @@ def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=Non
     entry = extract(dataset, model, seed=seed, progress=progress, **extract_options)
     return probe(entry, heads=heads, layers=probe_layers, cv=cv, seed=seed, jobs=jobs, backend=backend,
                  scheduler=scheduler, out_dir=out_dir, cache_dir=extract_options.get("cache_dir"),
-                 progress=progress, device=extract_options.get("device", "auto"), selection_rows=selection_rows)
+                 progress=progress, device=extract_options.get("device", "auto"), selection_rows=selection_rows,
+                 plots=plots)

@@ -6,6 +6,8 @@ error, 2 usage error. User mistakes get a message, never a traceback (``--debug`
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +20,33 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from ._cli_options import (
+    EXTRACT_OPTIONS,
+    GLOBAL_OPTIONS,
+    PROBE_OPTIONS,
+    RUN_HEADS,
+    Arch,
+    AsJson,
+    BatchSize,
+    CacheDir,
+    Checkpoint,
+    DataRoot,
+    Debug,
+    DeviceOpt,
+    ImageSize,
+    Limit,
+    ModelList,
+    Pool,
+    Precision,
+    Progress,
+    Quiet,
+    Seed,
+    TokenPool,
+    Verbose,
+    Weights,
+    Workers,
+    shared_options,
+)
 from .errors import FeatxError
 from .report.text import human_bytes
 
@@ -25,8 +54,8 @@ app = typer.Typer(
     name="featx",
     help="Transfer learning on images, measured: extract cached features, probe every layer, fine-tune.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 cache_app = typer.Typer(help="Show and manage feature cache entries.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
@@ -34,43 +63,35 @@ app.add_typer(cache_app, name="cache")
 # piped output gets wide lines instead of rich's 80-column default, so nothing is cut off
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
-STATE = {"cache_dir": None, "debug": False}
+STATE = {"cache_dir": None, "debug": False, "verbose": 0, "quiet": False}
 
 
-# ------------------------------------------------------------------ shared option types
+# ------------------------------------------------------------------ shared options
 
-Model = Annotated[str, typer.Option("--model", "-m", help="efficientnet_lite0 (bundled), torchvision:NAME, "
-                                    "timm:NAME[.tag], file:PATH (with --arch) or finetuned:PATH.")]
-Layers = Annotated[str, typer.Option("--layers", "-l", help="auto, all, names, globs ('layer*'), indices (-1) "
-                                     "or slices (0:4), comma-separated. See: featx layers MODEL")]
-Pool = Annotated[str, typer.Option(help="Spatial pooling of feature maps: avg, max, avgmax, grid2, grid3, none.")]
-TokenPool = Annotated[str, typer.Option(help="Pooling of transformer tokens: auto, cls, mean (patch tokens "
-                                        "only), cls+mean.")]
-Dtype = Annotated[str, typer.Option(help="Storage dtype of features: float16 or float32.")]
-Weights = Annotated[Optional[str], typer.Option(help="Pretrained weights: DEFAULT, a torchvision enum name, "
-                                                "'pretrained' or 'none' (random init).")]
-Checkpoint = Annotated[Optional[Path], typer.Option(help="Load the model's weights from this file "
-                                                    "(state_dict, .pt/.pth/.safetensors).")]
-Arch = Annotated[Optional[str], typer.Option(help="Architecture for --model file:PATH, e.g. timm:resnet18.")]
-ImageSize = Annotated[Optional[int], typer.Option(help="Input size (crop) in pixels; default: the model's.")]
-CropPct = Annotated[Optional[float], typer.Option(help="Crop size / resize size; default: the model's, or 1.0 "
-                                                  "when images are upscaled.")]
-Interp = Annotated[Optional[str], typer.Option(help="Resize interpolation: nearest, bilinear, bicubic.")]
-DataRoot = Annotated[Optional[Path], typer.Option(help="Where datasets are looked for and downloaded.")]
-Download = Annotated[bool, typer.Option("--download/--no-download", help="Download missing datasets.")]
-Limit = Annotated[Optional[int], typer.Option(help="Use a stratified, seeded subset of N images.")]
-Seed = Annotated[int, typer.Option(help="Seed for --limit and every random choice.")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Images per forward pass; default chosen per device.")]
-Workers = Annotated[Optional[int], typer.Option(help="DataLoader processes decoding images; default per device.")]
-DeviceOpt = Annotated[str, typer.Option(help="Where the forward pass and the probe heads run: auto, cpu, cuda or "
-                                              "cuda:N.")]
-Precision = Annotated[str, typer.Option(help="Compute precision: auto (bf16/fp16 on CUDA), float32, bfloat16.")]
-Strict = Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of recording it.")]
-Force = Annotated[bool, typer.Option(help="Allow --pool none above the size budget.")]
-Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
-HashContent = Annotated[bool, typer.Option("--hash-content", help="Fingerprint image files by the sha256 of "
-                                           "their bytes (stable across copies and machines) instead of their "
-                                           "size, times and inode.")]
+def command(group: typer.Typer = app, name: str | None = None, *, extract: bool = False, probe: bool = False,
+            **overrides):
+    """Register a command with the global options and, for commands that extract or probe, every
+    option of those stages, from their one definition in :mod:`featx._cli_options`."""
+    def register(function):
+        groups = ((EXTRACT_OPTIONS,) if extract else ()) + ((PROBE_OPTIONS,) if probe else ())
+        if groups:
+            function = shared_options(*groups, into="options", **overrides)(function)
+        return group.command(name)(shared_options(GLOBAL_OPTIONS, apply=_apply_global_options)(function))
+
+    return register
+
+
+#: defaults of ``featx run`` and ``featx compare``, chosen so the main job finishes in minutes on a 2-core CPU
+RUN_IMAGE_SIZE = 96
+RUN_POOL = "grid2"  # coarse layout matters for small images: +2 points over avg on Fashion-MNIST (README)
+Dataset = Annotated[str, typer.Argument(help="digits, fashion-mnist, cifar10, ..., folder:PATH or csv:FILE.")]
+ProbeModel = Annotated[Optional[str], typer.Option("--model", "-m", help="Model to extract with when TARGET is a "
+                                                   "dataset (default efficientnet_lite0).")]
+ProbeLayers = Annotated[Optional[str], typer.Option("--layers", "-l", help="Layers to probe (default: all in the "
+                                                    "entry); for a dataset, also the layers extracted.")]
+CompareOutDir = Annotated[Optional[Path], typer.Option("--out", help="Results folder (default "
+                                                       "featx-results/compare-<dataset>).")]
+
 
 
 # ------------------------------------------------------------------ plumbing
@@ -95,16 +116,45 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    cache_dir: Annotated[Optional[Path], typer.Option(envvar="FEATX_CACHE_DIR",
-                                                      help="Feature cache root (default ./cache).")] = None,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks of errors.")] = False,
+    cache_dir: CacheDir = None,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
-    STATE["cache_dir"], STATE["debug"] = cache_dir, debug
+    STATE["cache_dir"], STATE["debug"], STATE["verbose"], STATE["quiet"] = cache_dir, debug, verbose, quiet
     _configure_logging(verbose, quiet)
+
+
+def _apply_global_options(values: dict) -> None:
+    """The global options given after the command's name win over those given before it."""
+    if values["cache_dir"] is not None:
+        STATE["cache_dir"] = values["cache_dir"]
+    STATE["debug"] = STATE["debug"] or values["debug"]
+    if values["verbose"] or values["quiet"]:
+        _configure_logging(values["verbose"] or STATE["verbose"], values["quiet"] or STATE["quiet"])
+
+
+@contextlib.contextmanager
+def _output(as_json: bool):
+    """With --json, stdout carries only the JSON document: tables and messages are held back."""
+    out.quiet = as_json
+    try:
+        yield
+    finally:
+        out.quiet = False
+
+
+def _print_json(document) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def _run_json(entry) -> dict | None:
+    run = getattr(entry, "last_run", None)
+    if run is None:
+        return None
+    return {**dataclasses.asdict(run), "images_per_second": run.images_per_second}
 
 
 def _print_entry(entry, title: str | None = None) -> None:
@@ -120,44 +170,22 @@ def _print_entry(entry, title: str | None = None) -> None:
 # ------------------------------------------------------------------ commands
 
 
-@app.command()
+@command(extract=True)
 def extract(
-    dataset: Annotated[str, typer.Argument(help="digits, fashion-mnist, cifar10, ..., folder:PATH or csv:FILE.")],
-    model: Model = "efficientnet_lite0",
-    layers: Layers = "auto",
-    pool: Pool = "avg",
-    token_pool: TokenPool = "auto",
-    dtype: Dtype = "float16",
-    weights: Weights = None,
-    checkpoint: Checkpoint = None,
-    arch: Arch = None,
-    image_size: ImageSize = None,
-    crop_pct: CropPct = None,
-    interpolation: Interp = None,
-    data_root: DataRoot = None,
-    download: Download = True,
-    limit: Limit = None,
-    seed: Seed = 0,
-    batch_size: BatchSize = None,
-    workers: Workers = None,
-    device: DeviceOpt = "auto",
-    precision: Precision = "auto",
-    strict: Strict = False,
-    force: Force = False,
-    progress: Progress = True,
-    hash_content: HashContent = False,
+    dataset: Dataset,
+    as_json: AsJson = False,
+    *,
+    options: dict,
 ) -> None:
     """Run a backbone once over a dataset and cache the pooled activations of many layers."""
     from .api import extract as run_extract
 
-    entry = run_extract(
-        dataset, model, layers=layers, pool=pool, token_pool=token_pool, dtype=dtype, weights=weights,
-        checkpoint=checkpoint, arch=arch, image_size=image_size, crop_pct=crop_pct,
-        interpolation=interpolation, data_root=data_root, download=download, limit=limit, seed=seed,
-        batch_size=batch_size, workers=workers, device=device, precision=precision,
-        cache_dir=STATE["cache_dir"], strict=strict, force=force, progress=progress, hash_content=hash_content,
-    )
-    _report_extract(entry)
+    with _output(as_json):
+        _announce("extract", dataset, options)
+        entry = run_extract(dataset, cache_dir=STATE["cache_dir"], **options)
+        _report_extract(entry)
+    if as_json:
+        _print_json({**entry.info(), "run": _run_json(entry)})
 
 
 def _report_extract(entry) -> None:
@@ -183,23 +211,19 @@ def _report_extract(entry) -> None:
             err.print(f"  ... see: featx cache info {entry.key[:12]} --errors")
 
 
-Heads = Annotated[str, typer.Option(help="Comma-separated heads: logreg, linsvm, svm, mlp, knn.")]
-CV = Annotated[Optional[int], typer.Option(help="Choose hyper-parameters by K-fold CV (default: a 20% hold-out).")]
-Jobs = Annotated[Optional[int], typer.Option(help="Parallel (layer, head) fits; default: the number of cores.")]
-Backend = Annotated[str, typer.Option(help="joblib backend: loky (processes), threading, or dask.")]
-Scheduler = Annotated[Optional[str], typer.Option(help="Dask scheduler address for --backend dask "
-                                                  "(default: a local cluster).")]
-OutDir = Annotated[Optional[Path], typer.Option("--out", help="Results folder (default featx-results/<entry>).")]
-Plots = Annotated[bool, typer.Option("--plots/--no-plots", help="Write layers.png and confusion.png.")]
-#: defaults of ``featx run``, chosen so the main job finishes in minutes on a 2-core CPU (README)
-RUN_HEADS = "logreg,knn,mlp"
-#: probing.protocol.SELECTION_ROWS, written out so that ``featx --help`` imports no scikit-learn
-SELECTION_ROWS = 10_000
-SelectionRows = Annotated[int, typer.Option(help="Choose hyper-parameters on at most this many training rows per "
-                                            "fold (a stratified sample; half as many validation rows), then refit "
-                                            "on all of them. 0 = select on every row.")]
-RUN_IMAGE_SIZE = 96
-RUN_POOL = "grid2"  # coarse layout matters for small images: +2 points over avg on Fashion-MNIST (README)
+def _split(options: dict, group) -> tuple[dict, dict]:
+    """The values of ``group``'s options, and the others."""
+    names = {o.name for o in group}
+    return ({k: v for k, v in options.items() if k in names}, {k: v for k, v in options.items() if k not in names})
+
+
+def _announce(command_name: str, dataset: str, options: dict) -> None:
+    """Print the effective settings first: run/compare and extract/probe differ in their defaults."""
+    shown = ("model", "image_size", "pool", "layers", "heads", "limit", "device", "selection_rows")
+    parts = [f"{name}={options[name]}" for name in shown if name in options]
+    if options.get("image_size") is None and "image_size" in options:
+        parts[[p.split("=")[0] for p in parts].index("image_size")] = "image_size=model's own"
+    logging.getLogger("featx").info("featx %s %s: %s", command_name, dataset, ", ".join(parts))
 
 
 def _looks_like_entry(target: str) -> bool:
@@ -209,7 +233,8 @@ def _looks_like_entry(target: str) -> bool:
 
     if target.endswith(".h5") or re.fullmatch(r"[0-9a-f]{6,64}", target):
         return True
-    return (CacheStore(STATE["cache_dir"]).root / target).is_file()
+    root = CacheStore(STATE["cache_dir"]).root
+    return (root / target).is_file() or (root / f"{target}.h5").is_file()
 
 
 def _print_probe(results) -> None:
@@ -270,150 +295,114 @@ def _engines_text(protocol: dict) -> str:
     return f"heads on {protocol.get('device', 'cpu')}: {engines}" if engines else ""
 
 
-@app.command()
+@command(extract=True, probe=True, model=(ProbeModel, None), layers=(ProbeLayers, None))
 def probe(
     target: Annotated[str, typer.Argument(help="A cache entry (key prefix, file name, path) or a dataset "
                                           "(then it is extracted first, through the cache).")],
-    heads: Heads = "logreg,linsvm,knn,mlp,svm",
-    layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Layers to probe (default: all in the "
-                                                  "entry); for a dataset, also the layers extracted.")] = None,
-    cv: CV = None,
-    seed: Seed = 0,
-    jobs: Jobs = None,
-    backend: Backend = "loky",
-    scheduler: Scheduler = None,
-    out_dir: OutDir = None,
-    plots: Plots = True,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to extract with when TARGET is "
-                                                 "a dataset (default efficientnet_lite0).")] = None,
-    pool: Pool = "avg",
-    token_pool: TokenPool = "auto",
-    dtype: Dtype = "float16",
-    weights: Weights = None,
-    image_size: ImageSize = None,
-    data_root: DataRoot = None,
-    limit: Limit = None,
-    device: DeviceOpt = "auto",
-    selection_rows: SelectionRows = SELECTION_ROWS,
-    progress: Progress = True,
-    hash_content: HashContent = False,
+    as_json: AsJson = False,
+    *,
+    options: dict,
 ) -> None:
     """Compare scikit-learn heads on every cached layer: where are the classes best decodable?"""
     from ._resultdir import PROBE, check_target
     from .api import probe as run_probe
+    from .probing.heads import resolve_heads
 
-    if out_dir is not None:
-        check_target(out_dir, PROBE)  # before extracting: a folder featx may not replace is refused at once
+    probing, extracting = _split(options, PROBE_OPTIONS)
+    resolve_heads(probing["heads"])  # refused before extracting, not after it
+    if probing["out_dir"] is not None:
+        check_target(probing["out_dir"], PROBE)  # before extracting: a folder featx may not replace is refused
+    seed, device, progress = extracting["seed"], extracting["device"], extracting["progress"]
+    layers = extracting.pop("layers")
     entry = target
-    if model is not None or not _looks_like_entry(target):
-        from .api import check_probe_data
-        from .api import extract as run_extract
+    with _output(as_json):
+        if extracting["model"] is not None or not _looks_like_entry(target):
+            from .api import check_probe_data
+            from .api import extract as run_extract
 
-        source = check_probe_data(target, limit=limit, seed=seed, cv=cv, data_root=data_root,
-                                  hash_content=hash_content)  # a short split is refused before extracting
-        entry = run_extract(source, model or "efficientnet_lite0", layers=layers or "auto", pool=pool,
-                            token_pool=token_pool, dtype=dtype, weights=weights, image_size=image_size,
-                            data_root=data_root, limit=limit, seed=seed, device=device,
-                            cache_dir=STATE["cache_dir"], progress=progress, hash_content=hash_content)
-        _report_extract(entry)
-    results = run_probe(entry, heads=heads, layers=layers, cv=cv, seed=seed, jobs=jobs, backend=backend,
-                        scheduler=scheduler, out_dir=out_dir, cache_dir=STATE["cache_dir"], plots=plots,
-                        progress=progress, device=device, selection_rows=selection_rows)
-    _print_probe(results)
+            extracting["model"] = extracting["model"] or "efficientnet_lite0"
+            _announce("probe", target, {**extracting, **probing, "layers": layers or "auto"})
+            source = check_probe_data(target, limit=extracting["limit"], seed=seed, cv=probing["cv"],
+                                      data_root=extracting["data_root"], download=extracting["download"],
+                                      hash_content=extracting["hash_content"])  # a short split: refused now
+            entry = run_extract(source, layers=layers or "auto", cache_dir=STATE["cache_dir"], **extracting)
+            _report_extract(entry)
+        results = run_probe(entry, layers=layers, seed=seed, cache_dir=STATE["cache_dir"], progress=progress,
+                            device=device, **probing)
+        _print_probe(results)
+    if as_json:
+        _print_json(results.to_dict())
 
 
-ModelList = Annotated[list[str], typer.Option("--model", "-m", help="Backbones, comma-separated or repeated: "
-                                               "efficientnet_lite0 (bundled), torchvision:NAME, timm:NAME[.tag]. "
-                                               "Two or more run featx compare.")]
 Baseline = Annotated[bool, typer.Option("--baseline", help="Add each model with random weights (--weights none) as "
                                         "a reference row: how much the pretraining is worth on this data.")]
 Shots = Annotated[Optional[str], typer.Option(help="Learning curves: labelled images per class, e.g. "
                                               "'1,5,10,50,all' (several seeds), at each backbone's best layer.")]
+RunImageSize = Annotated[Optional[int], typer.Option(help=f"Input size in pixels (default {RUN_IMAGE_SIZE}: quick "
+                                                     "on a CPU; 0 = the model's own).")]
+#: what ``featx run`` and ``featx compare`` choose differently from extract and probe, and why (README)
+QUICK_DEFAULTS = dict(model=(ModelList, ["efficientnet_lite0"]), image_size=(RunImageSize, RUN_IMAGE_SIZE),
+                      pool=RUN_POOL, heads=RUN_HEADS)
 
 
-@app.command()
+@command(extract=True, probe=True, **QUICK_DEFAULTS)
 def run(
     dataset: Annotated[str, typer.Argument(help="Dataset to run on (default: fashion-mnist).")] = "fashion-mnist",
-    model: ModelList = ["efficientnet_lite0"],  # noqa: B006 (typer reads the default, never mutates it)
-    heads: Heads = RUN_HEADS,
-    layers: Layers = "auto",
-    pool: Pool = RUN_POOL,
-    image_size: Annotated[Optional[int], typer.Option(help=f"Input size in pixels (default {RUN_IMAGE_SIZE}: "
-                                                      "quick on a CPU; 0 = the model's own).")] = RUN_IMAGE_SIZE,
-    limit: Limit = None,
-    cv: CV = None,
-    seed: Seed = 0,
-    jobs: Jobs = None,
-    out_dir: OutDir = None,
-    dtype: Dtype = "float16",
-    weights: Weights = None,
-    data_root: DataRoot = None,
-    device: DeviceOpt = "auto",
-    selection_rows: SelectionRows = SELECTION_ROWS,
     baseline: Baseline = False,
     shots: Shots = None,
-    progress: Progress = True,
-    hash_content: HashContent = False,
+    as_json: AsJson = False,
+    *,
+    options: dict,
 ) -> None:
     """The main job: extract features (through the cache), probe every layer, report and advise.
 
     With several models (or --baseline, or --shots) it runs featx compare."""
     from .comparison.runner import parse_models
 
-    options = dict(heads=heads, cv=cv, jobs=jobs, out_dir=out_dir, seed=seed, progress=progress,
-                   selection_rows=selection_rows, layers=layers, pool=pool, image_size=image_size or None,
-                   limit=limit, dtype=dtype, weights=weights, data_root=data_root, device=device,
-                   cache_dir=STATE["cache_dir"], hash_content=hash_content)
-    models = parse_models(model)
-    if len(models) > 1 or baseline or shots:
-        from .comparison import compare as run_compare
+    models = parse_models(options.pop("model"))
+    options["image_size"] = options["image_size"] or None
+    with _output(as_json):
+        _announce("run", dataset, {"model": ",".join(models), **options})
+        if len(models) > 1 or baseline or shots:
+            from .comparison import compare as run_compare
 
-        _print_comparison(run_compare(dataset, models, baseline=baseline, shots=shots, **options))
-        return
-    from .api import run as run_all
+            results = run_compare(dataset, models, baseline=baseline, shots=shots, cache_dir=STATE["cache_dir"],
+                                  **options)
+            _print_comparison(results)
+        else:
+            from .api import run as run_all
 
-    _print_probe(run_all(dataset, models[0], **options))
+            probing, extracting = _split(options, PROBE_OPTIONS)
+            results = run_all(dataset, models[0], probe_layers=extracting["layers"], cache_dir=STATE["cache_dir"],
+                              **probing, **extracting)
+            _print_probe(results)
+    if as_json:
+        _print_json(results.to_dict())
 
 
-@app.command()
+@command(extract=True, probe=True, **QUICK_DEFAULTS, out_dir=(CompareOutDir, None))
 def compare(
-    dataset: Annotated[str, typer.Argument(help="digits, fashion-mnist, cifar10, ..., folder:PATH or csv:FILE.")],
-    model: ModelList,
+    dataset: Dataset,
     baseline: Baseline = False,
     shots: Shots = None,
-    heads: Heads = RUN_HEADS,
-    layers: Layers = "auto",
-    pool: Pool = RUN_POOL,
-    image_size: Annotated[Optional[int], typer.Option(help=f"Input size in pixels (default {RUN_IMAGE_SIZE}; "
-                                                      "0 = each model's own).")] = RUN_IMAGE_SIZE,
-    limit: Limit = None,
-    cv: CV = None,
-    seed: Seed = 0,
-    jobs: Jobs = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Results folder (default "
-                                                    "featx-results/compare-<dataset>).")] = None,
-    dtype: Dtype = "float16",
-    weights: Annotated[Optional[str], typer.Option(help="Weights of every model: DEFAULT, a torchvision enum "
-                                                   "name, 'pretrained' or 'none' (random init).")] = None,
-    data_root: DataRoot = None,
-    device: DeviceOpt = "auto",
-    selection_rows: SelectionRows = SELECTION_ROWS,
-    plots: Plots = True,
-    progress: Progress = True,
-    hash_content: HashContent = False,
+    as_json: AsJson = False,
+    *,
+    options: dict,
 ) -> None:
     """Put several backbones through the same probe on the same rows: leaderboard, paired tests, advice.
 
     Entries already in the cache are reused; only missing ones are extracted."""
     from .comparison import compare as run_compare
 
-    results = run_compare(
-        dataset, model, baseline=baseline, shots=shots, heads=heads, cv=cv, jobs=jobs, out_dir=out_dir, seed=seed,
-        plots=plots, progress=progress, selection_rows=selection_rows, layers=layers, pool=pool,
-        image_size=image_size or None, limit=limit, dtype=dtype, weights=weights, data_root=data_root,
-        device=device, cache_dir=STATE["cache_dir"], hash_content=hash_content,
-    )
-    _print_comparison(results)
+    models = options.pop("model")
+    options["image_size"] = options["image_size"] or None
+    with _output(as_json):
+        _announce("compare", dataset, {"model": ",".join(models), **options})
+        results = run_compare(dataset, models, baseline=baseline, shots=shots, cache_dir=STATE["cache_dir"],
+                              **options)
+        _print_comparison(results)
+    if as_json:
+        _print_json(results.to_dict())
 
 
 def _print_comparison(results) -> None:
@@ -447,7 +436,7 @@ def _print_comparison(results) -> None:
     out.print(f"time {results.seconds:.1f} s")
 
 
-@app.command()
+@command()
 def finetune(
     target: Annotated[Optional[str], typer.Argument(help="A probe result folder, or a dataset when --model is "
                                                     "given.")] = None,
@@ -508,6 +497,7 @@ def finetune(
     precision: Precision = "auto",
     workers: Workers = None,
     progress: Progress = True,
+    as_json: AsJson = False,
 ) -> None:
     """Fine-tune from a probe result: cut after its best layer and start from its head (LP-FT), or keep the
     full network with the blocks below the best layer frozen (--full)."""
@@ -515,16 +505,19 @@ def finetune(
 
     explicit = {k: v for k, v in dict(weights=weights, checkpoint=checkpoint, arch=arch, image_size=image_size,
                                       pool=pool, data_root=data_root, limit=limit).items() if v is not None}
-    result = run_finetune(
-        target, model=model, layer=layer, full=full, head_init=head_init, epochs=epochs, lr=lr,
-        backbone_lr_ratio=backbone_lr_ratio, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
-        warmup_epochs=warmup_epochs, head_warmup_epochs=head_warmup_epochs, freeze_below=freeze_below,
-        unfreeze=unfreeze, bn_stats=bn_stats, label_smoothing=label_smoothing, dropout=dropout, augment=augment,
-        batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, sweep=sweep,
-        resume=resume, out_dir=out_dir, device=device, precision=precision, workers=workers, progress=progress,
-        cache_dir=STATE["cache_dir"], **explicit,
-    )
-    _print_finetune(result)
+    with _output(as_json):
+        result = run_finetune(
+            target, model=model, layer=layer, full=full, head_init=head_init, epochs=epochs, lr=lr,
+            backbone_lr_ratio=backbone_lr_ratio, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
+            warmup_epochs=warmup_epochs, head_warmup_epochs=head_warmup_epochs, freeze_below=freeze_below,
+            unfreeze=unfreeze, bn_stats=bn_stats, label_smoothing=label_smoothing, dropout=dropout, augment=augment,
+            batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, sweep=sweep,
+            resume=resume, out_dir=out_dir, device=device, precision=precision, workers=workers, progress=progress,
+            cache_dir=STATE["cache_dir"], **explicit,
+        )
+        _print_finetune(result)
+    if as_json:
+        _print_json(result.to_json())
 
 
 def _print_finetune(result) -> None:
@@ -555,14 +548,14 @@ def _print_finetune(result) -> None:
     out.print(f"wrote {result.out_dir}/  (re-extract its layers with --model finetuned:{result.out_dir})")
 
 
-@app.command("layers")
+@command(name="layers")
 def layers_cmd(
     model: Annotated[str, typer.Argument(help="A model name, as for --model.")] = "efficientnet_lite0",
     image_size: ImageSize = None,
     pool: Pool = "avg",
     token_pool: TokenPool = "auto",
     arch: Arch = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Print the layer ladder of MODEL: index, name, relative depth, raw shape, pooled width."""
     from .api import layers as get_layers
@@ -583,9 +576,10 @@ def layers_cmd(
     out.print(table)
 
 
-@app.command()
+@command()
 def models(
     pattern: Annotated[Optional[str], typer.Argument(help="Glob, e.g. 'timm:*convnext*' or '*resnet*'.")] = None,
+    as_json: AsJson = False,
 ) -> None:
     """List the models featx can load, and where their weights are."""
     from .api import models as list_models
@@ -594,6 +588,9 @@ def models(
     if not rows:
         err.print(f"No model matches {pattern!r}. Try a wider pattern such as '*{(pattern or '').strip('*')[:5]}*'.")
         raise typer.Exit(1)
+    if as_json:
+        _print_json([{"model": r.name, "weights": r.weights} for r in rows])
+        return
     table = Table(header_style="bold")
     table.add_column("model")
     table.add_column("weights")
@@ -604,13 +601,19 @@ def models(
         out.print("timm's pretrained models are listed with a pattern, e.g.: featx models 'timm:*vit*'")
 
 
-@cache_app.command("ls")
-def cache_ls() -> None:
+@command(cache_app, "ls")
+def cache_ls(as_json: AsJson = False) -> None:
     """List the entries of the cache."""
     from .cache.store import CacheStore
 
     store = CacheStore(STATE["cache_dir"])
     entries = store.entries()
+    if as_json:
+        _print_json({"root": str(store.root),
+                     "entries": [e.info() for e in entries if not isinstance(e, tuple)],
+                     "unreadable": [{"path": str(e[0]), "error": e[1]} for e in entries if isinstance(e, tuple)],
+                     "leftovers": [{"kind": i.kind, "path": str(i.path), "bytes": i.size} for i in store.leftovers()]})
+        return
     if not entries:
         out.print(f"No entries in {store.root}.")
         _print_leftovers(store)
@@ -648,12 +651,12 @@ def _print_leftovers(store) -> None:
               soft_wrap=True)
 
 
-@cache_app.command("info")
+@command(cache_app, "info")
 def cache_info(
     entry: Annotated[str, typer.Argument(help="Key prefix, file name or path of an entry.")],
     verify: Annotated[bool, typer.Option(help="Read every byte and check the checksums.")] = False,
     errors: Annotated[bool, typer.Option("--errors", help="List every unreadable image.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Show an entry: configuration, samples, layers, unreadable images."""
     from .cache.store import CacheStore
@@ -688,7 +691,7 @@ def cache_info(
             out.print(f"  {sample_id}: {reason}")
 
 
-@cache_app.command("rm")
+@command(cache_app, "rm")
 def cache_rm(
     entries: Annotated[list[str], typer.Argument(help="Key prefixes, file names or paths of entries.")],
 ) -> None:
@@ -702,7 +705,7 @@ def cache_rm(
         out.print(f"removed {e.key[:12]} ({e.path.name})")
 
 
-@cache_app.command("gc")
+@command(cache_app, "gc")
 def cache_gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
     older_than: Annotated[float, typer.Option("--older-than", metavar="DAYS",

@@ -159,7 +159,7 @@ class CacheStore:
         return out
 
     def resolve(self, ref, owned: bool = False) -> FeatureEntry:
-        """An entry from a FeatureEntry, a file path, a file name or a key prefix.
+        """An entry from a FeatureEntry, a file path, a file name (with or without .h5) or a key prefix.
 
         ``owned=True`` (for deleting) refuses anything that is not an entry file of this cache.
         """
@@ -168,7 +168,8 @@ class CacheStore:
                 self._refuse_outside(ref.path, "delete")
             return ref
         text = str(ref)
-        path = next((p for p in (Path(text).expanduser(), self.root / text) if p.is_file()), None)
+        named = (Path(text).expanduser(), self.root / text, self.root / f"{text}.h5")  # a path, a name, a stem
+        path = next((p for p in named if p.is_file()), None)
         if path is not None:
             return self._open_file(path, owned)
         if re.fullmatch(r"[0-9a-f]{4,64}", text):

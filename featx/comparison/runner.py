@@ -121,6 +121,7 @@ def compare(
     seed: int = 0,
     jobs: int | None = None,
     backend: str = "loky",
+    scheduler: str | None = None,
     out_dir: str | os.PathLike | None = None,
     plots: bool = True,
     progress: bool = True,
@@ -147,9 +148,11 @@ def compare(
     from ..api import check_probe_data
     from ..extraction import extract
     from ..probing import probe
+    from ..probing.heads import resolve_heads
     from ..probing.shots import parse_shots
 
     t_start = time.perf_counter()
+    resolve_heads(heads)  # a mistyped head is refused before any extraction
     if not 0 < alpha < 1:
         raise UsageError(f"alpha must be between 0 and 1, got {alpha!r}.")
     shot_levels = parse_shots(shots) if isinstance(shots, str) else tuple(shots) if shots else ()
@@ -174,7 +177,7 @@ def compare(
         for c, entry in zip(rows, entries):
             log.info("%s: probing", c.label)
             probes[c.label] = probe(entry, heads=heads, layers=extract_options.get("layers") or "auto", cv=cv,
-                                    seed=seed, jobs=jobs, backend=backend,
+                                    seed=seed, jobs=jobs, backend=backend, scheduler=scheduler,
                                     out_dir=folder / "models" / c.slug if folder is not None else False,
                                     cache_dir=extract_options.get("cache_dir"), plots=plots, progress=progress,
                                     device=device, selection_rows=selection_rows,
