@@ -29,6 +29,8 @@ _API = {
     "run": ".api",
     "compare": ".api",
     "finetune": ".api",
+    "load_results": ".results",  # JSON only: no h5py or scikit-learn
+    "export_features": ".api",
 }
 
 __all__ = ["__version__", "errors", *_API]

@@ -18,17 +18,20 @@ from .probing.protocol import SELECTION_ROWS
 
 if TYPE_CHECKING:  # imported on first use, see __getattr__
     from .backbones.registry import ModelListing
+    from .cache.export import export_features
     from .comparison import compare
     from .extraction import extract
     from .finetuning import finetune
     from .probing import ProbeResults, probe
+    from .results import load_results
 
 __all__ = ["extract", "load_features", "cache_gc", "layers", "models", "open_entry", "probe", "run", "compare",
-           "finetune"]
+           "finetune", "load_results", "export_features"]
 
 __getattr__ = lazy_getattr(globals(), {"probe": ".probing", "ProbeResults": ".probing",
                                       "finetune": ".finetuning", "extract": ".extraction",
-                                      "compare": ".comparison"})
+                                      "compare": ".comparison", "load_results": ".results",
+                                      "Results": ".results", "export_features": ".cache.export"})
 
 
 def open_entry(entry, cache_dir: str | os.PathLike | None = None) -> FeatureEntry:

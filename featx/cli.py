@@ -725,6 +725,28 @@ def cache_gc(
         out.print(f"Nothing to remove in {store.root}.")
 
 
+@cache_app.command("export")
+def cache_export(
+    entry: Annotated[str, typer.Argument(help="Key prefix, file name or path of an entry.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="The file to write (.npz or .parquet).")],
+    layer: Annotated[Optional[list[str]], typer.Option(
+        "--layer", "--layers", "-l", help="A layer to export (repeat, or comma-separate); default: every layer "
+        "of the entry. See: featx cache info ENTRY")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="npz or parquet (needs pyarrow); default: from "
+                                               "the --out suffix.")] = None,
+    include_bad: Annotated[bool, typer.Option("--include-bad", help="Keep rows of unreadable images (ok=False), "
+                                              "as featx.load_features(include_bad=True).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+) -> None:
+    """Write an entry's features (float32), labels, ids, splits and class names to one file."""
+    from .cache.export import export_features
+
+    done = export_features(entry, out_file, layers=layer, format=fmt, include_bad=include_bad, force=force,
+                           cache_dir=STATE["cache_dir"])
+    out.print(f"wrote {done.path} ({done.format}, {human_bytes(done.size_bytes)}): {done.rows} rows, "
+              f"{len(done.layers)} layer(s): {', '.join(done.layers)}", soft_wrap=True)
+
+
 # ------------------------------------------------------------------ entry point
 
 

@@ -26,6 +26,9 @@ __all__ = [
     "CacheFormatError",
     "EntryNotFoundError",
     "DataError",
+    "ResultsNotFoundError",
+    "ResultsFormatError",
+    "MissingDependencyError",
     "close_matches",
 ]
 
@@ -93,6 +96,18 @@ class CacheFormatError(FeatxError):
 
 class DataError(FeatxError):
     """The data cannot support the requested analysis (no labels, one class, NaN features...)."""
+
+
+class ResultsNotFoundError(UsageError):
+    """A path that holds no finished featx result, or a result of another kind than the one asked for."""
+
+
+class ResultsFormatError(FeatxError):
+    """A result file that is damaged, or written under a schema version this featx cannot read."""
+
+
+class MissingDependencyError(FeatxError, ImportError):
+    """An optional package a feature needs is not installed (the message names the pip command)."""
 
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
