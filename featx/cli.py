@@ -122,7 +122,8 @@ def _print_entry(entry, title: str | None = None) -> None:
 
 @app.command()
 def extract(
-    dataset: Annotated[str, typer.Argument(help="digits, fashion-mnist, cifar10, ..., folder:PATH or csv:FILE.")],
+    dataset: Annotated[str, typer.Argument(help="digits, fashion-mnist, cifar10, ..., folder:PATH, csv:FILE, "
+                                                "wds:GLOB or hf-disk:PATH.")],
     model: Model = "efficientnet_lite0",
     layers: Layers = "auto",
     pool: Pool = "avg",
@@ -377,7 +378,8 @@ def run(
 
 @app.command()
 def compare(
-    dataset: Annotated[str, typer.Argument(help="digits, fashion-mnist, cifar10, ..., folder:PATH or csv:FILE.")],
+    dataset: Annotated[str, typer.Argument(help="digits, fashion-mnist, cifar10, ..., folder:PATH, csv:FILE, "
+                                                "wds:GLOB or hf-disk:PATH.")],
     model: ModelList,
     baseline: Baseline = False,
     shots: Shots = None,
