@@ -293,6 +293,28 @@ def test_wds_shard_names_and_their_errors(data, tmp_path):
         open_dataset("wds:")
 
 
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_wds_structural_problems_are_refused_at_open_time(data, tmp_path):
+    png = data["images"][0][4]
+    scattered = _tar(tmp_path / "scattered.tar", [("a.png", png), ("b.png", png), ("a.cls", b"0")])
+    with pytest.raises(UsageError, match="files of sample 'a' are not next to each other"):
+        open_dataset(f"wds:{scattered}")
+    two = _tar(tmp_path / "two.tar", [("a.png", png), ("a.jpg", png), ("a.cls", b"0")])
+    with pytest.raises(UsageError, match=r"sample 'a' holds 2 images \(\.jpg, \.png\)"):
+        open_dataset(f"wds:{two}")
+    (tmp_path / "truncated.tar").write_bytes(scattered.read_bytes()[:700])
+    with pytest.raises(UsageError, match="is not a readable tar file"):
+        open_dataset(f"wds:{tmp_path / 'truncated.tar'}")
+
+
 def test_wds_splits_from_folders_and_classes_from_cls_values(data, tmp_path):
     root = tmp_path / "ds"
     for split in ("train", "test"):  # train/0.tar, test/0.tar: the folder names the split

@@ -265,7 +265,7 @@ def _samples(shard: Path, fh):
                 "use the .tar files; images are compressed already, so they stay about the same size."
             )
     current: _Sample | None = None
-    seen: dict[str, int] = {}
+    seen: set[str] = set()
     try:
         tar = tarfile.open(fileobj=fh, mode="r:")
         for member in tar:
@@ -284,7 +284,7 @@ def _samples(shard: Path, fh):
                         f"(found again at member {member.name!r}). WebDataset reads a sample's files only when "
                         "they are adjacent; write each sample's files together (e.g. with webdataset.TarWriter)."
                     )
-                seen[key] = len(seen)
+                seen.add(key)
                 current = _Sample(key, {})
             if extension in current.members:
                 raise UsageError(f"Shard {shard}: sample {key!r} has two members ending in .{extension}.")
