@@ -84,7 +84,8 @@ def command(group: typer.Typer = app, name: str | None = None, *, extract: bool 
 #: defaults of ``featx run`` and ``featx compare``, chosen so the main job finishes in minutes on a 2-core CPU
 RUN_IMAGE_SIZE = 96
 RUN_POOL = "grid2"  # coarse layout matters for small images: +2 points over avg on Fashion-MNIST (README)
-Dataset = Annotated[str, typer.Argument(help="digits, fashion-mnist, cifar10, ..., folder:PATH or csv:FILE.")]
+Dataset = Annotated[str, typer.Argument(help="digits, fashion-mnist, cifar10, ..., folder:PATH, csv:FILE, "
+                                             "wds:GLOB or hf-disk:PATH.")]
 ProbeModel = Annotated[Optional[str], typer.Option("--model", "-m", help="Model to extract with when TARGET is a "
                                                    "dataset (default efficientnet_lite0).")]
 ProbeLayers = Annotated[Optional[str], typer.Option("--layers", "-l", help="Layers to probe (default: all in the "
@@ -725,7 +726,7 @@ def cache_gc(
         out.print(f"Nothing to remove in {store.root}.")
 
 
-@cache_app.command("export")
+@command(cache_app, "export")
 def cache_export(
     entry: Annotated[str, typer.Argument(help="Key prefix, file name or path of an entry.")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="The file to write (.npz or .parquet).")],

@@ -1,7 +1,9 @@
-"""Datasets by name: built-ins, Fashion-MNIST, torchvision sets, folders and CSV files."""
+"""Datasets by name: built-ins, Fashion-MNIST, torchvision sets, folders, CSV files, WebDataset shards
+and Hugging Face datasets saved to disk."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +32,8 @@ __all__ = [
 ]
 
 BUILTIN = ("digits", "fashion-mnist")
+#: ``PREFIX:`` of datasets read from the user's files, and what follows the prefix
+PREFIXES = {"folder": "PATH", "csv": "FILE", "wds": "GLOB", "hf-disk": "PATH"}
 
 # torch and torchvision load on first use of what needs them: naming datasets needs neither
 __getattr__ = lazy_getattr(globals(), {"ImageDataset": ".dataset", "Preprocessing": ".transforms"})
@@ -41,18 +45,35 @@ def dataset_names() -> list[str]:
 
 def open_dataset(spec: str, data_root: str | Path | None = None, download: bool = True,
                  hash_content: bool = False) -> ImageSource:
-    """Resolve a dataset spec (``digits``, ``fashion-mnist``, ``cifar10``, ``folder:PATH``, ``csv:FILE``).
+    """Resolve a dataset spec (``digits``, ``fashion-mnist``, ``cifar10``, ``folder:PATH``, ``csv:FILE``,
+    ``wds:GLOB``, ``hf-disk:PATH``).
 
     ``hash_content``: fingerprint image files by the sha256 of their bytes instead of their
-    size, times and inode (folders and CSV files; in-memory sets always hash their pixels).
+    size, times and inode (folders, CSV files, tar shards and Arrow files; in-memory sets always
+    hash their pixels).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise UnknownDatasetError("A dataset is required, e.g. digits, fashion-mnist, folder:PATH or csv:FILE.")
     spec = spec.strip()
     root = Path(data_root).expanduser() if data_root else None
-    kind, _, rest = spec.partition(":")
-    if rest and kind in ("folder", "csv"):
+    kind, colon, rest = spec.partition(":")
+    if kind in PREFIXES and not rest.strip():
+        raise UnknownDatasetError(f"{kind}: needs a {PREFIXES[kind]} after the colon, e.g. {kind}:{PREFIXES[kind]}.")
+    if kind in ("folder", "csv"):
         return (load_folder if kind == "folder" else load_csv)(rest, hash_content=hash_content)
+    if kind == "wds":
+        from .wds import load_wds
+
+        return load_wds(rest, hash_content=hash_content)
+    if kind == "hf-disk":
+        from .hf_disk import load_hf_disk
+
+        return load_hf_disk(rest, hash_content=hash_content)
+    if colon and re.fullmatch(r"[A-Za-z][\w-]*", kind) and not Path(spec).exists():
+        raise UnknownDatasetError(
+            f"Unknown dataset prefix {kind + ':'!r} in {spec!r}.{did_you_mean(kind, PREFIXES)} Valid prefixes: "
+            + ", ".join(f"{p}:{what}" for p, what in PREFIXES.items()) + "."
+        )
     name = spec.lower().replace("_", "-")
     aliases = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "oxford-pets": "oxford-iiit-pet"}
     name = aliases.get(name, name)
@@ -67,7 +88,8 @@ def open_dataset(spec: str, data_root: str | Path | None = None, download: bool 
     raise UnknownDatasetError(
         f"Unknown dataset {spec!r}.{did_you_mean(name, dataset_names())} Valid: "
         + ", ".join(dataset_names())
-        + ", folder:PATH (one sub-folder per class) or csv:FILE (path,label[,split])."
+        + ", folder:PATH (one sub-folder per class), csv:FILE (path,label[,split]), wds:GLOB (WebDataset tar "
+        "shards) or hf-disk:PATH (a Hugging Face dataset saved with save_to_disk)."
     )
 
 
