@@ -23,6 +23,19 @@ def _isolated(tmp_path, monkeypatch):
     """No test touches the repository's cache or the user's data directory."""
     monkeypatch.setenv("FEATX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
+    yield
+    _reset_featx_logger()
+
+
+def _reset_featx_logger() -> None:
+    """The command line, run in-process, points featx's logger at its own stderr: undo that, so
+    later tests' caplog sees featx's records again."""
+    import logging
+
+    logger = logging.getLogger("featx")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
 
 
 @pytest.fixture
