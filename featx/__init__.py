@@ -29,6 +29,7 @@ _API = {
     "run": ".api",
     "compare": ".api",
     "finetune": ".api",
+    "predict": ".api",
 }
 
 __all__ = ["__version__", "errors", *_API]

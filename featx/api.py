@@ -21,14 +21,15 @@ if TYPE_CHECKING:  # imported on first use, see __getattr__
     from .comparison import compare
     from .extraction import extract
     from .finetuning import finetune
+    from .prediction import predict
     from .probing import ProbeResults, probe
 
 __all__ = ["extract", "load_features", "cache_gc", "layers", "models", "open_entry", "probe", "run", "compare",
-           "finetune"]
+           "finetune", "predict"]
 
 __getattr__ = lazy_getattr(globals(), {"probe": ".probing", "ProbeResults": ".probing",
                                       "finetune": ".finetuning", "extract": ".extraction",
-                                      "compare": ".comparison"})
+                                      "compare": ".comparison", "predict": ".prediction"})
 
 
 def open_entry(entry, cache_dir: str | os.PathLike | None = None) -> FeatureEntry:
