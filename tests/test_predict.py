@@ -192,6 +192,14 @@ def test_a_finetuned_folder_predicts_through_its_own_classifier(probed, tmp_path
     np.testing.assert_allclose(table.scores, torch.softmax(logits, 1).numpy(), atol=1e-5)
     assert table.predicted == [table.classes[i] for i in logits.argmax(1).tolist()]
 
+    sweep = tmp_path / "sweep"  # a sweep predicts with the run it chose (found by name when the sweep moved)
+    shutil.copytree(run, sweep / "sweep" / "lr=0.001")
+    (sweep / ".featx-result.json").write_text(json.dumps({"kind": "finetune-sweep"}))
+    (sweep / "sweep.json").write_text(json.dumps({"chosen": {"out_dir": "/elsewhere/sweep/lr=0.001"}}))
+    chosen = featx.predict(sweep, images / "test" / table.ids[0], **FAST)
+    assert "chosen by sweep" in chosen.source["via"]
+    np.testing.assert_allclose(chosen.scores[0], table.scores[0], rtol=0, atol=1e-6)  # batch of 1, not 16
+
 
 # ------------------------------------------------------------------------------ bad input
 
