@@ -31,6 +31,7 @@ _API = {
     "finetune": ".api",
     "load_results": ".results",  # JSON only: no h5py or scikit-learn
     "export_features": ".api",
+    "predict": ".api",
 }
 
 __all__ = ["__version__", "errors", *_API]

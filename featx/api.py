@@ -22,16 +22,18 @@ if TYPE_CHECKING:  # imported on first use, see __getattr__
     from .comparison import compare
     from .extraction import extract
     from .finetuning import finetune
+    from .prediction import predict
     from .probing import ProbeResults, probe
     from .results import load_results
 
 __all__ = ["extract", "load_features", "cache_gc", "layers", "models", "open_entry", "probe", "run", "compare",
-           "finetune", "load_results", "export_features"]
+           "finetune", "load_results", "export_features", "predict"]
 
 __getattr__ = lazy_getattr(globals(), {"probe": ".probing", "ProbeResults": ".probing",
                                       "finetune": ".finetuning", "extract": ".extraction",
                                       "compare": ".comparison", "load_results": ".results",
-                                      "Results": ".results", "export_features": ".cache.export"})
+                                      "Results": ".results", "export_features": ".cache.export",
+                                      "predict": ".prediction"})
 
 
 def open_entry(entry, cache_dir: str | os.PathLike | None = None) -> FeatureEntry:

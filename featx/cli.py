@@ -549,6 +549,59 @@ def _print_finetune(result) -> None:
     out.print(f"wrote {result.out_dir}/  (re-extract its layers with --model finetuned:{result.out_dir})")
 
 
+@command()
+def predict(
+    results: Annotated[Path, typer.Argument(help="A result folder: featx probe/run (its best head), featx "
+                                            "finetune (its network), featx compare (its leader) or a --sweep (its "
+                                            "chosen run).")],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or CSV files with "
+                                                "a path column; no labels needed.")],
+    out_file: Annotated[Optional[str], typer.Option("--out", help="Write the predictions as CSV to this file "
+                                                    "(atomically); '-' prints the CSV. Default: a table.")] = None,
+    top_k: Annotated[int, typer.Option(help="Classes listed per image, best first, with their scores.")] = 5,
+    device: DeviceOpt = "auto",
+    precision: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the precision "
+                                                     "the probe's features were computed in.")] = None,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="The weights file, when the probe's model was loaded "
+                                                       "from one (--checkpoint at extraction).")] = None,
+    progress: Progress = True,
+) -> None:
+    """Predict the classes of new images with a probe's best head or a fine-tuned network, preprocessed exactly
+    as its training images were."""
+    from .prediction import predict as run_predict  # not through .api: a mistyped path is refused without scikit-learn
+
+    table = run_predict(results, images, top_k=top_k, out=None if out_file in (None, "-") else out_file,
+                        device=device, precision=precision, batch_size=batch_size, workers=workers,
+                        checkpoint=checkpoint, progress=progress)
+    if out_file == "-":
+        sys.stdout.write(table.to_csv())
+    elif out_file is None:
+        _print_predictions(table)
+    else:
+        out.print(f"wrote {table.out}: {table.n_ok} of {len(table)} image(s) predicted "
+                  f"(top-{table.top_k} {table.score_kind} scores)")
+    failed = table.failed
+    if failed:
+        err.print(f"[yellow]{len(failed)} image(s) could not be read (rows with an error):[/yellow]")
+        for path, reason in failed[:10]:
+            err.print(f"  {path}: {reason}", soft_wrap=True)
+
+
+def _print_predictions(table) -> None:
+    s = table.source
+    what = f"{s['head']} on {s['layer']}" if s["kind"] == "probe" else f"fine-tuned after {s['layer']}"
+    grid = Table(title=f"{s['model']}: {what} — top-{table.top_k} classes ({table.score_kind})",
+                 header_style="bold")
+    for col in ("path", "prediction", "top classes"):
+        grid.add_column(col)
+    for i in range(len(table)):
+        top = "  ".join(f"{name} {score:.3g}" for name, score in table.top(i))
+        grid.add_row(table.paths[i], table.predicted[i] or "[red]unreadable[/red]", top or table.errors[i])
+    out.print(grid)
+
+
 @command(name="layers")
 def layers_cmd(
     model: Annotated[str, typer.Argument(help="A model name, as for --model.")] = "efficientnet_lite0",
