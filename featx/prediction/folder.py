@@ -42,16 +42,17 @@ class ResultFolder:
 
 def read_results(folder: Path) -> dict:
     """A probe's results.json, checked for what prediction needs (the one place that reads it)."""
-    file = Path(folder) / RESULTS_FILE
+    from ..results import load_results
+
+    data = load_results(folder, kind=PROBE).raw  # format and schema version checked there
     try:
-        data = json.loads(file.read_text())
         for keys in (("entry", "config"), ("entry", "key"), ("entry", "classes"), ("best", "layer"),
                      ("best", "head")):
             node = data
             for k in keys:
                 node = node[k]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{file} is not a readable featx probe result ({type(exc).__name__}: {exc}). "
+    except (KeyError, TypeError) as exc:
+        raise UsageError(f"{Path(folder) / RESULTS_FILE} lacks what prediction needs ({type(exc).__name__}: {exc}). "
                          "Run the probe again to rewrite it.") from None
     return data
 
