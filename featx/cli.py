@@ -94,7 +94,6 @@ CompareOutDir = Annotated[Optional[Path], typer.Option("--out", help="Results fo
                                                        "featx-results/compare-<dataset>).")]
 
 
-
 # ------------------------------------------------------------------ plumbing
 
 
@@ -221,9 +220,9 @@ def _split(options: dict, group) -> tuple[dict, dict]:
 def _announce(command_name: str, dataset: str, options: dict) -> None:
     """Print the effective settings first: run/compare and extract/probe differ in their defaults."""
     shown = ("model", "image_size", "pool", "layers", "heads", "limit", "device", "selection_rows")
-    parts = [f"{name}={options[name]}" for name in shown if name in options]
-    if options.get("image_size") is None and "image_size" in options:
-        parts[[p.split("=")[0] for p in parts].index("image_size")] = "image_size=model's own"
+    parts = [f"{name}={options[name]}" for name in shown if options.get(name) is not None]
+    if "image_size" in options and options["image_size"] is None:
+        parts.insert(1, "image_size=the model's")
     logging.getLogger("featx").info("featx %s %s: %s", command_name, dataset, ", ".join(parts))
 
 
