@@ -511,6 +511,7 @@ def finetune(
 ) -> None:
     """Fine-tune from a probe result: cut after its best layer and start from its head (LP-FT), or keep the
     full network with the blocks below the best layer frozen (--full)."""
+    from ._distributed import is_main_process
     from .api import finetune as run_finetune
 
     explicit = {k: v for k, v in dict(weights=weights, checkpoint=checkpoint, arch=arch, image_size=image_size,
@@ -524,7 +525,8 @@ def finetune(
         resume=resume, out_dir=out_dir, device=device, precision=precision, workers=workers, progress=progress,
         cache_dir=STATE["cache_dir"], **explicit,
     )
-    _print_finetune(result)
+    if is_main_process():  # under torchrun every rank holds the result; one reports it
+        _print_finetune(result)
 
 
 def _print_finetune(result) -> None:
