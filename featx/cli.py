@@ -501,6 +501,7 @@ def finetune(
 ) -> None:
     """Fine-tune from a probe result: cut after its best layer and start from its head (LP-FT), or keep the
     full network with the blocks below the best layer frozen (--full)."""
+    from ._distributed import is_main_process
     from .api import finetune as run_finetune
 
     explicit = {k: v for k, v in dict(weights=weights, checkpoint=checkpoint, arch=arch, image_size=image_size,
@@ -515,8 +516,9 @@ def finetune(
             resume=resume, out_dir=out_dir, device=device, precision=precision, workers=workers, progress=progress,
             cache_dir=STATE["cache_dir"], **explicit,
         )
-        _print_finetune(result)
-    if as_json:
+        if is_main_process():  # under torchrun every rank holds the result; one reports it
+            _print_finetune(result)
+    if as_json and is_main_process():
         _print_json(result.to_json())
 
 

@@ -18,9 +18,7 @@ peer's heartbeat in the shared cache directory has not moved for that long.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
-import os
 import secrets
 import shutil
 import threading
@@ -28,72 +26,32 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-import torch
-
-from .._runtime import Device, available_cores
+from .._distributed import DEFAULT_TIMEOUT, config_differences, dist_timeout
+from .._distributed import ProcessGroup as BaseGroup
+from .._distributed import current_group as _current_group
 from ..cache.entry import FeatureEntry
 from ..cache.partial import PartialRun
 from ..cache.store import CacheStore
-from ..errors import FeatxError, UsageError
+from ..errors import FeatxError
 
 log = logging.getLogger(__name__)
 
-#: seconds a rank waits for a peer that shows no sign of life (``FEATX_DIST_TIMEOUT``)
-DEFAULT_TIMEOUT = 300.0
-
-
-def dist_timeout() -> float:
-    """``FEATX_DIST_TIMEOUT`` in seconds (default 300): how long a hung peer may keep the others waiting."""
-    text = os.environ.get("FEATX_DIST_TIMEOUT", "")
-    if not text.strip():
-        return DEFAULT_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise UsageError(f"FEATX_DIST_TIMEOUT must be a positive number of seconds, got {text!r}.")
-    return value
-
-
-def config_differences(a, b, prefix: str = "") -> list[str]:
-    """Dotted names of the fields where two configs differ (``dataset.content``, ``code.torch``)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += config_differences(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".") or "(whole value)"]
+__all__ = ["DEFAULT_TIMEOUT", "ProcessGroup", "config_differences", "current_group", "dist_timeout",
+           "extract_in_group", "open_shared_run", "compute_together", "assemble_on_main"]
 
 
 @dataclass
-class ProcessGroup:
-    rank: int
-    world: int
-    local_rank: int
-    local_world: int
-    timeout: float = DEFAULT_TIMEOUT
+class ProcessGroup(BaseGroup):
+    """A rank of an extraction: rank 0's decisions and the long waits are bounded by heartbeats."""
+
+    failure_note: ClassVar[str] = "the shards already written are kept and the next identical run resumes from them."
     #: per-run directory in the shared cache holding heartbeats; set by ``check_shared_dir``
     session: Path | None = None
     _phase: int = 0
     _beats: int = 0
     _last_beat: float = field(default=0.0, repr=False)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, obj):
-        """Rank 0's ``obj`` on every rank."""
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj) -> list:
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
 
     def on_main(self, fn):
         """Collective: ``fn()`` runs on rank 0 only; its result (or its error) reaches every rank.
@@ -111,25 +69,6 @@ class ProcessGroup:
         return self.broadcast(result)
 
     # ------------------------------------------------------------ agreement before computing
-
-    def agree(self, what: str, value, config: dict | None = None) -> None:
-        """Collective: raise on every rank unless all ranks hold rank 0's ``value``.
-
-        ``config`` (the description ``value`` is derived from) names the differing fields."""
-        everyone = self.gather((value, config))
-        differ = [r for r, (v, _) in enumerate(everyone) if v != everyone[0][0]]
-        if not differ:
-            return
-        lines = []
-        for r in differ:
-            a, b = everyone[0][1], everyone[r][1]
-            fields = config_differences(a, b) if isinstance(a, dict) and isinstance(b, dict) else []
-            lines.append(f"rank {r} differs from rank 0 in {', '.join(fields) or what}")
-        raise FeatxError(
-            f"The ranks disagree on the {what}; nothing was computed. " + "; ".join(lines) + ". Every rank must "
-            "see the same dataset (same files, sizes and modification times: copy node-local datasets with "
-            "`rsync -t` or `cp -p`, or use one shared copy), the same model, options and library versions."
-        )
 
     def check_shared_dir(self, root: Path) -> None:
         """Collective: every rank must see the cache directory rank 0 writes to.
@@ -165,14 +104,7 @@ class ProcessGroup:
 
     def on_main_quick(self, fn):
         """``on_main`` for short work that needs no heartbeat (before the session exists)."""
-        result, error = None, None
-        if self.is_main:
-            try:
-                result = fn()
-            except BaseException as exc:
-                error = exc
-        self.raise_any(error)
-        return self.broadcast(result)
+        return BaseGroup.on_main(self, fn)
 
     def close_session(self) -> None:
         """Rank 0 removes the heartbeat files once every rank is past its last wait."""
@@ -247,48 +179,10 @@ class ProcessGroup:
             if waiting:
                 time.sleep(0.2)
 
-    def raise_any(self, error: BaseException | None) -> None:
-        """Collective: re-raise on every rank when any rank failed (nobody waits forever)."""
-        mine = None if error is None else f"{type(error).__name__}: {error}"
-        failures = [(rank, msg) for rank, msg in enumerate(self.gather(mine)) if msg]
-        if error is not None:
-            raise error
-        if failures:
-            rank, msg = failures[0]
-            raise FeatxError(f"Stopped because rank {rank} failed ({msg}); the shards already written are kept "
-                             "and the next identical run resumes from them.")
-
-    def cpu_cores(self) -> int:
-        """This rank's share of the node's cores: ranks on one node must not oversubscribe it."""
-        return max(1, available_cores() // self.local_world)
-
-    def place(self, device: Device) -> Device:
-        """One GPU per local rank unless the user named one."""
-        if device.is_cuda and device.torch_device.index is None:
-            return Device(torch.device("cuda", self.local_rank % torch.cuda.device_count()), device.autocast_dtype)
-        return device
-
-
 def current_group() -> ProcessGroup | None:
-    """The torchrun process group this process belongs to, initialised on first use (gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    import torch.distributed as dist
-
-    if not dist.is_available():  # pragma: no cover - torch built without distributed
-        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed support.")
-    timeout = dist_timeout()
-    if not dist.is_initialized():
-        # gloo carries the small decisions exchanged here on any machine; features go through disk.
-        # Collectives only exchange decisions, so a bounded timeout never cuts a forward pass short.
-        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-    return ProcessGroup(
-        rank=dist.get_rank(), world=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.get_world_size()))),
-        timeout=timeout,
-    )
+    """The torchrun process group this process belongs to, initialised on first use (gloo: only
+    decisions go through it, features go through the shared cache directory)."""
+    return _current_group(ProcessGroup)
 
 
 # ------------------------------------------------------------------ one extraction across the ranks

@@ -5,7 +5,8 @@ unfrozen blocks, evaluate the test split once, export.
 Modules, one job each: ``plan`` (what to fine-tune, on which splits), ``model`` (the cut
 network and its head), ``full`` (the full-network mode's head start and freeze point),
 ``freeze`` (which blocks train when), ``command`` (the command line advice prints), ``augment`` and ``data``
-(training images), ``optim`` (optimiser and schedule), ``train`` (the loop), ``checkpoint``
+(training images), ``optim`` (optimiser and schedule), ``train`` (the loop), ``distributed``
+(the loop as DDP replicas under torchrun) and ``syncbn`` (batch norm over all ranks), ``checkpoint``
 (atomic per-epoch resume points), ``metrics``, ``plots``, ``sweep``, ``export``
 (``model.pt`` + ``model.json``, and ``finetuned:PATH`` for extraction), ``result``
 (``finetune.json``), ``runner`` (the API).

@@ -7,6 +7,10 @@ another configuration's run is never resumed and never overwritten, and a folder
 anything but fine-tuning runs (user files, a probe result) is refused untouched. Every option
 is checked before anything is written.
 
+Under ``torchrun`` every rank trains a replica (:mod:`.distributed`) and rank 0 alone reads and
+writes the output folder; its checkpoint resumes all ranks. The number of processes is not part
+of the configuration, since they compute the single-process run (to float rounding).
+
 Outputs (each written atomically; ``finetune.json`` last, so it marks a complete run):
 ``model.pt`` + ``model.json`` (the network, rebuildable as ``finetuned:DIR``), ``curves.png``,
 ``finetune.json`` (configuration, per-epoch history, test metrics with a 95% bootstrap
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
+from .._distributed import on_main
 from .._fileio import write_json
 from .._resultdir import FINETUNE, SWEEP, check_target, claim
 from .._runtime import Device, cpu_settings, default_workers, resolve_device
@@ -31,6 +36,7 @@ from ..data.sources import ImageSource
 from ..errors import UsageError
 from .augment import Augmentation
 from .checkpoint import CHECKPOINT_FILE, check_same_run, fingerprint, load_checkpoint, save_checkpoint
+from .distributed import DistributedTrainer, TrainingGroup, training_group
 from .export import MODEL_FILE, SPEC_FILE, model_description, save_finetuned
 from .freeze import parameter_summary, resolve_freeze_below
 from .full import describe_network, full_network_options
@@ -117,8 +123,11 @@ def _check_version(stored: dict, path: Path) -> None:
 
 
 def run_one(plan: Plan, opts: TrainOptions, device: Device, *, out_dir=None, resume: bool = False,
-            progress: bool = True, workers: int | None = None) -> FinetuneResult:
-    """Train one configuration to the end (or return it from disk) and write its outputs."""
+            progress: bool = True, workers: int | None = None, group: TrainingGroup | None = None) -> FinetuneResult:
+    """Train one configuration to the end (or return it from disk) and write its outputs.
+
+    Under torchrun (``group``) every rank trains (:mod:`.distributed`); rank 0 alone reads and
+    writes the output folder, and the others wait for it."""
     opts = resolve_options(plan, opts)
     batch_size = opts.batch_size or default_batch_size(device, plan.pre.crop_size)
     freeze_layer = resolve_freeze_below(opts.freeze_below, plan.ladder, plan.layer, plan.model_name)
@@ -127,57 +136,81 @@ def run_one(plan: Plan, opts: TrainOptions, device: Device, *, out_dir=None, res
     freeze_name = freeze_layer.name if freeze_layer else None
     out = Path(out_dir) if out_dir is not None else default_out_dir(plan, opts.head_init, key,
                                                                     freeze_below=freeze_name)
+    if group is not None:
+        group.agree("fine-tuning configuration", key, config)
+    finished, checkpoint = on_main(group, lambda: _start(out, config, resume))
+    if finished is not None:
+        return finished
 
+    cores = group.cpu_cores() if group is not None else None
+    n_workers = default_workers(device, plan.source.in_memory, cores) if workers is None else workers
+    started = time.perf_counter()
+    with cpu_settings(device, n_workers, cores):
+        if group is None:
+            trainer = Trainer(plan, opts, device, batch_size, n_workers, freeze_layer, progress)
+        else:
+            trainer = DistributedTrainer(plan, opts, device, batch_size, n_workers, freeze_layer, progress, group)
+        resumed_at = _train(trainer, out, checkpoint, config, key, group)
+        trainer.use_best()
+        logits, labels, ok = trainer.evaluate(plan.test, desc="test")  # the only look at the test split
+
+    def finish() -> FinetuneResult:
+        test = score_logits(labels[ok], logits[ok], len(plan.classes), opts.seed)
+        test["unreadable"] = int((~ok).sum())
+        log.info("test top-1 %.4f (95%% CI %.4f-%.4f) with the weights of epoch %d", test["test_top1"],
+                 *test["test_top1_ci"], trainer.best.epoch)
+        result = FinetuneResult(
+            out_dir=out, fingerprint=key, layer=plan.layer.name, head_init=opts.head_init, test=test,
+            history=trainer.history, best_epoch=trainer.best.epoch, best_val_top1=trainer.best.val_top1,
+            probe=_probe_comparison(plan, test), paths={}, config=config,
+            train_seconds=sum(h.get("train_seconds", 0.0) for h in trainer.history),
+            stopped_early=trainer.stopped_early, resumed_at_epoch=resumed_at,
+            extra={"featx_version": __version__, "wall_seconds_this_call": time.perf_counter() - started,
+                   "classes": plan.classes, "splits": {"fit": len(plan.fit), "val": len(plan.val),
+                                                       "test": len(plan.test), "test_source": plan.test_source},
+                   "distributed": trainer.processes()},
+            network=describe_network(plan, opts, freeze_name,
+                                     parameter_summary(trainer.net, trainer.schedule, opts.epochs)),
+        )
+        _write_outputs(plan, opts, trainer, result)
+        return result
+
+    return on_main(group, finish)
+
+
+def _start(out: Path, config: dict, resume: bool) -> tuple[FinetuneResult | None, dict | None]:
+    """(the finished run in ``out``, or None; else the checkpoint to resume, or None), after
+    refusing a folder or a run of another configuration."""
     check_target(out, FINETUNE, replace=False)
     finished = _finished(out, config, resume)
     if finished is not None:
-        return finished
+        return finished, None
     checkpoint = load_checkpoint(out)
     if checkpoint is not None:
         check_same_run(checkpoint["config"], config, out, resume)
     elif resume:
         raise UsageError(f"--resume: {out} holds no checkpoint to resume. Run without --resume to start, or "
                          "point --out at the directory of the interrupted run.")
-
-    n_workers = default_workers(device, plan.source.in_memory) if workers is None else workers
-    started = time.perf_counter()
-    with cpu_settings(device, n_workers):
-        trainer = Trainer(plan, opts, device, batch_size, n_workers, freeze_layer, progress)
-        resumed_at = _train(trainer, out, checkpoint, config, key)
-        trainer.use_best()
-        logits, labels, ok = trainer.evaluate(plan.test, desc="test")  # the only look at the test split
-    test = score_logits(labels[ok], logits[ok], len(plan.classes), opts.seed)
-    test["unreadable"] = int((~ok).sum())
-    log.info("test top-1 %.4f (95%% CI %.4f-%.4f) with the weights of epoch %d", test["test_top1"],
-             *test["test_top1_ci"], trainer.best.epoch)
-    result = FinetuneResult(
-        out_dir=out, fingerprint=key, layer=plan.layer.name, head_init=opts.head_init, test=test,
-        history=trainer.history, best_epoch=trainer.best.epoch, best_val_top1=trainer.best.val_top1,
-        probe=_probe_comparison(plan, test), paths={}, config=config,
-        train_seconds=sum(h.get("train_seconds", 0.0) for h in trainer.history),
-        stopped_early=trainer.stopped_early, resumed_at_epoch=resumed_at,
-        extra={"featx_version": __version__, "wall_seconds_this_call": time.perf_counter() - started,
-               "classes": plan.classes, "splits": {"fit": len(plan.fit), "val": len(plan.val),
-                                                   "test": len(plan.test), "test_source": plan.test_source}},
-        network=describe_network(plan, opts, freeze_name,
-                                 parameter_summary(trainer.net, trainer.schedule, opts.epochs)),
-    )
-    _write_outputs(plan, opts, trainer, result)
-    return result
+    return None, checkpoint
 
 
-def _train(trainer: Trainer, out: Path, checkpoint: dict | None, config: dict, key: str) -> int:
-    """Run the remaining epochs, writing a checkpoint after each; returns the epoch resumed at."""
+def _train(trainer: Trainer, out: Path, checkpoint: dict | None, config: dict, key: str,
+           group: TrainingGroup | None = None) -> int:
+    """Run the remaining epochs, writing a checkpoint after each; returns the epoch resumed at.
+
+    Under torchrun every rank loads rank 0's checkpoint (it was read there and sent to all), and
+    rank 0 writes the new ones while the others wait: the ranks hold the same state."""
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
         log.info("resuming %s after epoch %d of %d", out, trainer.epoch, trainer.opts.epochs)
     else:
-        claim(out, FINETUNE)  # checked again and marked before the first file is written
+        on_main(group, lambda: claim(out, FINETUNE))  # checked again and marked before the first file is written
         trainer.validate_start()
     resumed_at = trainer.epoch
     while not trainer.done:
         trainer.run_epoch()
-        save_checkpoint(out, {**trainer.state_dict(), "config": canonical_json(config), "fingerprint": key})
+        on_main(group, lambda: save_checkpoint(
+            out, {**trainer.state_dict(), "config": canonical_json(config), "fingerprint": key}))
         log.debug("checkpoint written after epoch %d", trainer.epoch)
     return resumed_at
 
@@ -226,7 +259,7 @@ def _write_outputs(plan: Plan, opts: TrainOptions, trainer: Trainer, result: Fin
 
 
 def run_sweep(plan: Plan, opts: TrainOptions, grid: dict, device: Device, *, out_dir=None, progress=True,
-              workers=None) -> FinetuneResult:
+              workers=None, group: TrainingGroup | None = None) -> FinetuneResult:
     """Every point of ``grid`` as its own run under ``OUT/sweep/``; returns the best by validation."""
     points = grid_points(grid)
     base = resolve_options(plan, opts)
@@ -236,20 +269,24 @@ def run_sweep(plan: Plan, opts: TrainOptions, grid: dict, device: Device, *, out
     freeze_layer = resolve_freeze_below(base.freeze_below, plan.ladder, plan.layer, plan.model_name)
     root = Path(out_dir) if out_dir is not None else default_out_dir(
         plan, opts.head_init, key, kind="sweep", freeze_below=freeze_layer.name if freeze_layer else None)
-    claim(root, SWEEP)
+    on_main(group, lambda: claim(root, SWEEP))
     rows, results = [], []
     for point in points:
         result = run_one(plan, opts.replace(**point), device, out_dir=root / "sweep" / point_label(point),
-                         progress=progress, workers=workers)
+                         progress=progress, workers=workers, group=group)
         results.append(result)
         rows.append({**point, "val_top1": result.best_val_top1, "best_epoch": result.best_epoch,
                      "test_top1": result.test["test_top1"], "test_top1_ci": result.test["test_top1_ci"],
                      "out_dir": str(result.out_dir)})
     table = format_table(rows, grid)
     chosen = rows.index(best_row(rows))
-    claim(root, SWEEP)
-    write_json(root / SWEEP_FILE, {"format": "featx-finetune-sweep", "version": VERSION, "grid": grid,
-                                    "rows": rows, "chosen": rows[chosen], "table": table})
+
+    def write() -> None:
+        claim(root, SWEEP)
+        write_json(root / SWEEP_FILE, {"format": "featx-finetune-sweep", "version": VERSION, "grid": grid,
+                                        "rows": rows, "chosen": rows[chosen], "table": table})
+
+    on_main(group, write)
     best = results[chosen]
     best.sweep, best.sweep_table = rows, table
     best.paths = {**best.paths, "sweep": root / SWEEP_FILE}
@@ -329,6 +366,10 @@ def finetune(
     ``head_init="auto"`` the head starts from the probe's logistic head only when that was
     fitted on the top layer; otherwise it starts fresh and trains alone for
     ``head_warmup_epochs`` (default 1) before the blocks join.
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1), every process calls this with the same
+    arguments: they train as DistributedDataParallel replicas, rank 0 writes, and every rank
+    returns the same result.
     """
     if results is None and model is None and _is_probe_result(source):
         results, source = source, None  # featx finetune RESULTS_DIR
@@ -379,6 +420,10 @@ def finetune(
     if out_dir is not None:
         check_target(out_dir, SWEEP if grid else FINETUNE, replace=False)  # before loading data or models
     dev = resolve_device(device, precision)
+    group = training_group(dev)  # started by torchrun: this process is one of several replicas
+    if group is not None:
+        dev = group.place(dev)
+        progress = progress and group.is_main
     if results is not None:
         plan = plan_from_results(results, layer=layer, head_init=head_init, checkpoint=checkpoint,
                                  data_root=data_root, download=download, cache_dir=cache_dir, seed=seed,
@@ -394,5 +439,6 @@ def finetune(
         for point in grid_points(grid) if grid else ():
             opts.replace(**point).check()
     if grid:
-        return run_sweep(plan, opts, grid, dev, out_dir=out_dir, progress=progress, workers=workers)
-    return run_one(plan, opts, dev, out_dir=out_dir, resume=resume, progress=progress, workers=workers)
+        return run_sweep(plan, opts, grid, dev, out_dir=out_dir, progress=progress, workers=workers, group=group)
+    return run_one(plan, opts, dev, out_dir=out_dir, resume=resume, progress=progress, workers=workers,
+                   group=group)

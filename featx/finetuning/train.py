@@ -84,11 +84,21 @@ def predict(net: nn.Module, dataset: LabelledImages, indices: np.ndarray, batch_
             normalise, workers: int = 0, desc: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(float32 logits, labels, readable) of ``indices`` in eval mode, in the order given;
     a transient progress bar when ``desc`` is given."""
+    return predict_batches(net, dataset, eval_batches(indices, batch_size), device, normalise, workers, desc)
+
+
+def eval_batches(indices: np.ndarray, batch_size: int) -> list[list]:
+    return epoch_batches(indices, batch_size, 0, 0, shuffle=False)
+
+
+def predict_batches(net: nn.Module, dataset: LabelledImages, batches: list[list], device: Device, normalise,
+                    workers: int = 0, desc: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``predict`` over batches of ``(index, epoch)`` pairs, concatenated in their order."""
     was_training = net.training
     net.eval()
     logits, labels, oks = [], [], []
-    loader = make_loader(dataset, epoch_batches(indices, batch_size, 0, 0, shuffle=False), workers, device)
-    bar = progress_bar(total=len(indices), desc=desc, unit="img", disable=desc is None, leave=False)
+    loader = make_loader(dataset, batches, workers, device)
+    bar = progress_bar(total=sum(map(len, batches)), desc=desc, unit="img", disable=desc is None, leave=False)
     try:
         with torch.inference_mode(), _autocast(device):
             for images, y, ok in loader:
@@ -125,7 +135,12 @@ class Best:
 
 
 class Trainer:
-    """One fine-tuning run: network, optimiser, schedule and the state a checkpoint captures."""
+    """One fine-tuning run: network, optimiser, schedule and the state a checkpoint captures.
+
+    What several processes change (``featx.finetuning.distributed``) is kept in a few methods: the
+    batches this process loads, the images a step counts, the network a step runs, the loss it
+    back-propagates, validation, and agreeing on what validation decides.
+    """
 
     def __init__(self, plan: Plan, opts: TrainOptions, device: Device, batch_size: int, workers: int,
                  freeze_below: Layer | None = None, progress: bool = True):
@@ -157,6 +172,10 @@ class Trainer:
         self.stale = 0  # epochs since the best validation accuracy
         self.stopped_early = False
 
+    def processes(self) -> dict:
+        """How many processes trained the run, talking through which backend (``finetune.json``)."""
+        return {"world_size": 1, "backend": None}
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, indices: np.ndarray, desc: str = "validate") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -169,7 +188,7 @@ class Trainer:
         It is not a candidate for the best checkpoint: the probe's head was refit on all training
         rows, these validation rows included, so its validation accuracy is optimistic.
         """
-        loss, top1 = loss_and_accuracy(*self.evaluate(self.plan.val))
+        loss, top1 = self._agreed(loss_and_accuracy(*self.evaluate(self.plan.val)))
         self.history.append({"epoch": 0, "val_loss": loss, "val_top1": top1})
         log.info("step 0: val loss %.4f, val accuracy %.4f", loss, top1)
 
@@ -182,10 +201,10 @@ class Trainer:
     def run_epoch(self) -> dict:
         """Train one epoch, validate, update the best weights and early stopping; returns its record."""
         epoch, opts = self.epoch, self.opts
-        torch.manual_seed(epoch_seed(opts.seed, epoch))
+        torch.manual_seed(self._dropout_seed(epoch))
         self.schedule.apply(self.net, epoch)
         loss, top1, seen, seconds = self._train_batches(epoch)
-        val_loss, val_top1 = loss_and_accuracy(*self.evaluate(self.plan.val))
+        val_loss, val_top1 = self._agreed(loss_and_accuracy(*self.evaluate(self.plan.val)))
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         record = {
             "epoch": epoch + 1,
@@ -208,18 +227,17 @@ class Trainer:
 
     def _train_batches(self, epoch: int) -> tuple[float, float, int, float]:
         """One pass over the fit split: (mean loss, accuracy, images, seconds), with a progress bar."""
-        batches = epoch_batches(self.plan.fit, self.batch_size, epoch, self.opts.seed, shuffle=True)
-        loader = make_loader(self.train_images, batches, self.workers, self.device)
-        bar = progress_bar(total=len(self.plan.fit), desc=f"epoch {epoch + 1}/{self.opts.epochs}", unit="img",
+        loader, images_here = self._epoch_loader(epoch)
+        bar = progress_bar(total=images_here, desc=f"epoch {epoch + 1}/{self.opts.epochs}", unit="img",
                            disable=not self.progress)
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
         try:
             for images, labels, ok in loader:
                 bar.update(len(labels))
-                n = int(ok.sum())
+                n = self._readable(ok)
                 if n >= 2:  # unreadable images are left out; batch norm needs two images
-                    loss, hits = self._step(images[ok], labels[ok])
+                    loss, hits = self._step(images[ok], labels[ok], n)
                     loss_sum, correct, seen = loss_sum + loss * n, correct + hits, seen + n
                 self.scheduler.step()  # one step per batch, even a skipped one: the schedule stays aligned
                 elapsed = time.perf_counter() - start
@@ -230,6 +248,22 @@ class Trainer:
         nan = float("nan")
         return (loss_sum / seen if seen else nan, correct / seen if seen else nan, seen,
                 time.perf_counter() - start)
+
+    def _epoch_loader(self, epoch: int):
+        """(batches of (images, labels, readable) this process trains on in ``epoch``, their image count)."""
+        batches = epoch_batches(self.plan.fit, self.batch_size, epoch, self.opts.seed, shuffle=True)
+        return make_loader(self.train_images, batches, self.workers, self.device), len(self.plan.fit)
+
+    def _readable(self, ok: torch.Tensor) -> int:
+        """The readable images of this step's batch."""
+        return int(ok.sum())
+
+    def _dropout_seed(self, epoch: int) -> int:
+        return epoch_seed(self.opts.seed, epoch)
+
+    def _agreed(self, values):
+        """What validation decides, as every process must see it."""
+        return values
 
     def _keep_if_best(self, val_top1: float) -> None:
         """Keep a copy of the weights when validation accuracy improves; count epochs when not."""
@@ -243,14 +277,15 @@ class Trainer:
             self.stopped_early = True
             log.info("early stop: no better validation accuracy for %d epochs", self.stale)
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[float, int]:
+        """One optimiser step on a batch of ``n`` readable images: (mean loss, correct predictions)."""
         dev = self.device.torch_device
         x = _to_device(images, self.normalise, self.device)
         y = labels.to(dev, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with _autocast(self.device):
-            logits = self.net(x)
-            loss = self.criterion(logits.float(), y)
+            logits = self._training_net()(x)
+            loss = self._loss(logits.float(), y, n)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -259,6 +294,12 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
         return float(loss.detach()), int((logits.detach().argmax(1) == y).sum())
+
+    def _training_net(self) -> nn.Module:
+        return self.net
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+        return self.criterion(logits, y)
 
     def use_best(self) -> None:
         """Load the best weights (by validation accuracy) into the network."""
