@@ -178,7 +178,7 @@ def test_portable_turns_torch_estimators_into_scikit_learn(digits):
 
 
 def test_cli_default_selection_rows_is_the_protocols():
-    from featx import cli
+    from featx import _cli_options as cli_options
     from featx.probing import protocol
 
-    assert cli.SELECTION_ROWS == protocol.SELECTION_ROWS
+    assert cli_options.SELECTION_ROWS == protocol.SELECTION_ROWS
