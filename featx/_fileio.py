@@ -28,19 +28,37 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file, fsync it, then rename it to ``path``."""
+def atomic_write_bytes(path: Path, write, *, replace: bool = True) -> None:
+    """Call ``write(fileobj)`` on a temporary file, fsync it, then rename it to ``path``.
+
+    ``replace=False`` publishes it only where no file exists, even one that appeared while it
+    was written (a hard link cannot overwrite); ``FileExistsError`` otherwise.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
 
 
 def strict(obj):

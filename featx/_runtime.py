@@ -102,6 +102,16 @@ class Device:
 
         return {torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.autocast_dtype]
 
+    def autocast(self):
+        """The mixed-precision context of this device, or none for full float32."""
+        import contextlib
+
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.torch_device.type, dtype=self.autocast_dtype)
+
 
 def resolve_device(spec: str = "auto", precision: str = "auto") -> Device:
     """Turn ``auto|cpu|cuda|cuda:N`` and ``auto|float32|bfloat16|float16`` into a Device."""

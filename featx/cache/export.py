@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._fileio import fsync_dir
+from .._fileio import atomic_write_bytes
 from ..errors import MissingDependencyError, UsageError, did_you_mean
 from ..layer import Layer
 from .entry import FeatureEntry
@@ -139,28 +139,12 @@ def _featx_version() -> str:
 
 
 def _write_new(out: Path, force: bool, write) -> None:
-    """``write(fileobj)`` into a temporary file beside ``out``, then publish it: replacing ``out``
-    with ``force``, else only where no file appeared meanwhile (a hard link cannot overwrite)."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    """Write ``out`` atomically; without ``force`` never over a file, even one that appeared meanwhile."""
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if force:
-            os.replace(tmp, out)
-        else:
-            try:
-                os.link(tmp, out)
-            except FileExistsError:
-                raise UsageError(f"{out} appeared while the export was written; featx will not overwrite it. "
-                                 "Choose another --out, or add --force.") from None
-            except OSError:  # a file system without hard links
-                _check_target(out, force=False)
-                os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(out.parent)
+        atomic_write_bytes(out, write, replace=force)
+    except FileExistsError:
+        raise UsageError(f"{out} appeared while the export was written; featx will not overwrite it. "
+                         "Choose another --out, or add --force.") from None
 
 
 def _text(values) -> np.ndarray:

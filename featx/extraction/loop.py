@@ -133,10 +133,7 @@ def _run_batches(net: torch.nn.Module, loader, layers: list[Layer], request: Ext
                     first = int(np.flatnonzero(~ok)[0])
                     raise BadImageError(f"Unreadable image {source.location(start + filled + first)}: {reasons[first]}")
                 x = normalise(images).contiguous(memory_format=torch.channels_last)
-                if dev.autocast_dtype is not None:
-                    with torch.autocast(dev.torch_device.type, dtype=dev.autocast_dtype):
-                        pooled = taps(x)
-                else:
+                with dev.autocast():
                     pooled = taps(x)
                 host = torch.cat([pooled[name] for name in names], dim=1).cpu().numpy()
                 offset = 0

@@ -43,7 +43,7 @@ from .data import epoch_batches, make_loader
 from .options import TrainOptions
 from .plan import Plan
 from .syncbn import synchronise_batchnorm
-from .train import Trainer, _autocast, _to_device, eval_batches, predict_batches
+from .train import Trainer, _to_device, eval_batches, predict_batches
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class DistributedTrainer(Trainer):
         self.net.eval()
         try:
             x = _to_device(torch.zeros((2, 3, size, size), dtype=torch.uint8), self.normalise, self.device)
-            with torch.enable_grad(), _autocast(self.device):
+            with torch.enable_grad(), self.device.autocast():
                 out = self.net(x).float().sum()
             grads = torch.autograd.grad(out, [p for _, p in named], allow_unused=True)
         finally:

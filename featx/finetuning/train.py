@@ -10,7 +10,6 @@ memory, on CPU in float32 with the thread and allocator settings measured for ex
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -70,12 +69,6 @@ def build_network(plan: Plan, opts: TrainOptions) -> FinetuneNet:
     return net
 
 
-def _autocast(device: Device):
-    if device.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.torch_device.type, dtype=device.autocast_dtype)
-
-
 def _to_device(images: torch.Tensor, normalise, device: Device) -> torch.Tensor:
     return normalise(images).contiguous(memory_format=torch.channels_last)
 
@@ -100,7 +93,7 @@ def predict_batches(net: nn.Module, dataset: LabelledImages, batches: list[list]
     loader = make_loader(dataset, batches, workers, device)
     bar = progress_bar(total=sum(map(len, batches)), desc=desc, unit="img", disable=desc is None, leave=False)
     try:
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), device.autocast():
             for images, y, ok in loader:
                 logits.append(net(_to_device(images, normalise, device)).float().cpu())
                 labels.append(y)
@@ -283,7 +276,7 @@ class Trainer:
         x = _to_device(images, self.normalise, self.device)
         y = labels.to(dev, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with _autocast(self.device):
+        with self.device.autocast():
             logits = self._training_net()(x)
             loss = self._loss(logits.float(), y, n)
         if self.scaler is not None:

@@ -86,10 +86,7 @@ def run_images(forward: Callable[[torch.Tensor], torch.Tensor], net: torch.nn.Mo
             with torch.inference_mode():
                 for images, why in loader:
                     x = normalise(images).contiguous(memory_format=torch.channels_last)
-                    if dev.autocast_dtype is not None:
-                        with torch.autocast(dev.torch_device.type, dtype=dev.autocast_dtype):
-                            out = forward(x)
-                    else:
+                    with dev.autocast():
                         out = forward(x)
                     outputs.append(out.float().cpu().numpy())
                     reasons += list(why)
