@@ -80,3 +80,16 @@ def test_svm_variant_follows_the_refit_rows_with_a_source_validation_split(digit
     assert list(cell.row["params"]) == ["C"]
     assert type(cell.model[-1]).__name__ == "SVC"
     assert [list(g["params"]) for g in cell.row["grid"]] == [["C"], ["C"]]
+
+
+def test_cells_go_out_costliest_head_first_then_widest_layer():
+    from types import SimpleNamespace
+
+    from featx.probing.schedule import longest_first
+
+    narrow, wide = SimpleNamespace(width=16), SimpleNamespace(width=1280)
+    named = {name: SimpleNamespace(name=name) for name in ("logreg", "knn", "svm", "mlp", "tree")}
+    cells = [(layer, named[h]) for layer in (narrow, wide) for h in ("logreg", "knn", "svm", "mlp", "tree")]
+    order = [(layer.width, head.name) for layer, head in longest_first(cells)]
+    assert order == [(1280, "svm"), (16, "svm"), (1280, "mlp"), (16, "mlp"), (1280, "tree"), (16, "tree"),
+                     (1280, "logreg"), (16, "logreg"), (1280, "knn"), (16, "knn")]
