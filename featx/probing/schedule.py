@@ -1,8 +1,8 @@
 """The order in which the probe's (layer, head) cells go to the workers: longest first.
 
 Cells differ in cost by two orders of magnitude (on a 12,000-row Fashion-MNIST entry, one CPU
-thread: the Nystroem SVM 100-150 s per layer whatever its width, LinearSVC up to 74 s and the
-MLP 38 s on the 1,280-wide layer, k-NN 3 s). Dispatched shallow layer first, the last cells
+thread: the Nystroem SVM 120-470 s per layer, not in order of width, LinearSVC 74 s and the MLP
+38 s on the 1,280-wide layer, k-NN 3 s). Dispatched shallow layer first, the last cells
 were the widest layer's SVM and MLP, and one worker finished minutes after the other. Sent
 longest first (the classic LPT rule), the small cells fill the gaps at the end. The order only
 changes when a cell runs, never what it computes: each cell is seeded and single-threaded.
