@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 
 from ..evaluation import TOP_K, classification_metrics
 from .engines import array_api, device_type, portable, to_device, to_numpy, torch_threads
+from .grid_prefix import fit_prefix
 from .heads import Head, grid_for
 
 PATH_PATIENCE = 2
@@ -53,8 +54,8 @@ def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int, device: s
     """Best parameters by mean validation accuracy over ``folds`` (rows of ``X``).
 
     Ties go to the earlier grid entry (grids are ordered from the most regularised).
-    ``n_rows``: the number of rows selection stands for (default ``len(y)``), which sets the
-    variant of a size-dependent head (exact or approximate SVM).
+    ``n_rows``: the number of rows the chosen model is refit on (default ``len(y)``), which sets
+    the variant of a size-dependent head (exact or approximate SVM).
     """
     n_rows = len(y) if n_rows is None else n_rows
     val_rows = np.concatenate([np.asarray(v, dtype=np.int64) for _, v in folds]) if folds else np.zeros(0, np.int64)
@@ -81,12 +82,14 @@ def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int, device: s
                     totals[i] += float(np.mean(predictions[i][-1] == truth))
                 continue
             clf = engine.build(n_rows, seed, device)  # the variant (e.g. exact or approximate SVM) follows the size
+            # steps no grid entry tunes (the SVM's Nystroem map) are fitted once per fold, not once per entry
+            clf, fold_grid, X_fit, X_val = fit_prefix(clf, grid, X_fit, y_fit, X_val)
             if head.warm_start:
                 clf.set_params(warm_start=True)
             for i, params in enumerate(grid):
                 if not head.warm_start:
                     clf = clone(clf)
-                clf.set_params(**params)
+                clf.set_params(**fold_grid[i])
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", ConvergenceWarning)
                     clf.fit(X_fit, y_fit)
@@ -178,7 +181,9 @@ def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.nd
     with threadpool_limits(limits=blas_threads), torch_budget:
         # folds as rows of X: only the (bounded) selection rows are ever copied out of the shared array
         row_folds = [(selection_rows[fit], selection_rows[val]) for fit, val in folds]
-        chosen = select(head, X, y, row_folds, seed, device, n_rows=len(selection_rows))
+        # the variant of a size-dependent head (exact or Nystroem SVM) and its grid's keys follow the
+        # rows of the refit, which is what selection chooses for (train only, with a source val split)
+        chosen = select(head, X, y, row_folds, seed, device, n_rows=len(train))
         params, grid_scores, notes = chosen.params, chosen.scores, chosen.notes
         X_train, y_train, X_test = X[train], y[train], X[test]
         if on_device:
@@ -194,7 +199,7 @@ def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.nd
             notes = sorted(set(notes) | set(_convergence_notes(caught, params)))
             fit_seconds = time.perf_counter() - t0
             metrics, pred = evaluate(model, X_test, y[test], n_classes, seed)
-    grid = feasible_grid(head, len(selection_rows), folds)  # the grid select() walked
+    grid = feasible_grid(head, len(train), folds)  # the grid select() walked
     row = {
         **layer, "head": head.name, "params": _plain(params),
         "val_top1": max(grid_scores) if grid_scores else None,

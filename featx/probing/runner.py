@@ -40,6 +40,7 @@ from .protocol import (
     selection_folds,
     selection_method,
 )
+from .schedule import longest_first
 from .shared import SharedLayers
 from .stream import stream_cell
 
@@ -278,7 +279,14 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
     remote = backend == "dask" and scheduler is not None  # workers elsewhere cannot read this machine's files
     keep = entry.samples()["ok"]
 
+    def cell_task(r, head, X):
+        meta = {"layer": r.name, "index": r.index, "depth": r.depth, "order": r.order, "width": r.width,
+                "pool": r.pool}
+        return delayed(run_cell)(meta, head, X, y, splits.train, splits.test, folds, n_classes, seed,
+                                 keep_model=head.name != "knn", selection_rows=splits.selection_rows, device=device)
+
     def tasks():
+        waiting = []
         for r in records:
             X, digest = shared.add(entry, r, keep)  # once per layer, read by all its cells
             if remote:
@@ -287,12 +295,12 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
                 duplicates[r.name] = seen[digest]
                 continue
             seen[digest] = r.name
-            meta = {"layer": r.name, "index": r.index, "depth": r.depth, "order": r.order, "width": r.width,
-                    "pool": r.pool}
-            for head in heads:
-                yield delayed(run_cell)(meta, head, X, y, splits.train, splits.test, folds, n_classes, seed,
-                                        keep_model=head.name != "knn", selection_rows=splits.selection_rows,
-                                        device=device)
+            if remote:  # a remote cell carries its layer in memory: one layer after the other, as loaded
+                yield from (cell_task(r, head, X) for head in heads)
+            else:
+                waiting += [(r, head, X) for head in heads]
+        # here every layer is written (a few seconds of disk) before the costliest cells go first
+        yield from (cell_task(*cell) for cell in longest_first(waiting))
 
     total = len(records) * len(heads)
     bar = progress_bar(total=total, unit="cell", desc="probe", disable=not progress)

@@ -1,0 +1,95 @@
+"""The probe's fast paths against the straightforward loop they replace: the same scores, choices
+and predictions, on tiny data."""
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.datasets import load_digits
+from sklearn.preprocessing import StandardScaler
+
+from featx.probing import heads
+from featx.probing.fit import run_cell, select
+from featx.probing.grid_prefix import split_untouched_steps
+from featx.probing.heads import HEADS, grid_for
+from featx.probing.protocol import validation_folds
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    X = X.astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(y))
+    train, test = np.sort(order[:600]), np.sort(order[600:900])
+    return X, y, train, test
+
+
+@pytest.fixture
+def small_svm(monkeypatch):
+    """The SVM head's large-N variant (Nystroem map + LinearSVC) at a size a test can afford."""
+    monkeypatch.setattr(heads, "SVM_EXACT_MAX", 100)
+    monkeypatch.setattr(heads, "NYSTROEM_COMPONENTS", 64)
+
+
+def _meta():
+    return {"layer": "pixels", "index": 0, "depth": 0.0, "order": 0, "width": 64, "pool": "none"}
+
+
+def test_nystroem_map_fitted_once_gives_the_loop_s_scores_and_predictions(digits, small_svm):
+    X, y, train, _ = digits
+    head = HEADS["svm"]
+    folds = [(train[f], train[v]) for f, v in validation_folds(y[train], 2, 0)]  # two folds: the map per fold
+    chosen = select(head, X, y, folds, seed=0, n_rows=len(train))
+    grid = grid_for(head, len(train))
+    assert [list(p) for p in grid] == [["svm__C"]] * 2  # the Nystroem variant was the one exercised
+    scores, preds = [], []
+    for params in grid:  # the straightforward loop: a fresh pipeline per grid entry and fold
+        fold_preds = []
+        for fit, val in folds:
+            scaler = StandardScaler().fit(X[fit])
+            model = clone(head.engine().build(len(train), 0, "cpu")).set_params(**params)
+            model.fit(scaler.transform(X[fit]), y[fit])
+            fold_preds.append(model.predict(scaler.transform(X[val])))
+        preds.append(np.concatenate(fold_preds))
+        scores.append(np.mean([np.mean(p == y[v]) for p, (_, v) in zip(fold_preds, folds)]))
+    assert chosen.scores == pytest.approx(scores, abs=0)
+    best = int(np.argmax(scores))
+    assert chosen.params == grid[best]
+    assert np.array_equal(chosen.val_pred, preds[best])
+
+
+def test_untouched_steps_split_only_before_the_first_tuned_step():
+    model = heads._svm(200_000, 0)
+    prefix, rest, grid = split_untouched_steps(model, [{"svm__C": 1.0}, {"svm__C": 10.0}])
+    assert [name for name, _ in prefix.steps] == ["rbf"] and type(rest).__name__ == "LinearSVC"
+    assert grid == [{"C": 1.0}, {"C": 10.0}]
+    # a grid that tunes the first step, a plain estimator, or a Pipeline-level parameter: nothing shared
+    assert split_untouched_steps(model, [{"rbf__gamma": 0.1}])[0] is None
+    assert split_untouched_steps(heads._logreg(10, 0), [{"C": 1.0}])[0] is None
+    assert split_untouched_steps(model, [{"memory": None}])[0] is None
+
+
+def test_svm_variant_follows_the_refit_rows_with_a_source_validation_split(digits, small_svm):
+    """With the source's own val split, selection stands for train + val rows but the refit uses
+    train only: the grid's keys must be those of the model that is refit (SVC's "C" here, below the
+    exact-SVM limit), or setting the chosen parameters on it fails."""
+    X, y, _, test = digits
+    train, val = np.arange(0, 90), np.arange(90, 150)
+    selection_rows = np.concatenate([train, val])
+    folds = [(np.arange(len(train)), np.arange(len(train), len(selection_rows)))]
+    cell = run_cell(_meta(), HEADS["svm"], X, y, train, test, folds, 10, 0, selection_rows=selection_rows)
+    assert list(cell.row["params"]) == ["C"]
+    assert type(cell.model[-1]).__name__ == "SVC"
+    assert [list(g["params"]) for g in cell.row["grid"]] == [["C"], ["C"]]
+
+
+def test_cells_go_out_costliest_head_first_then_widest_layer():
+    from types import SimpleNamespace
+
+    from featx.probing.schedule import longest_first
+
+    narrow, wide = SimpleNamespace(width=16), SimpleNamespace(width=1280)
+    named = {name: SimpleNamespace(name=name) for name in ("logreg", "knn", "svm", "mlp", "tree")}
+    cells = [(layer, named[h]) for layer in (narrow, wide) for h in ("logreg", "knn", "svm", "mlp", "tree")]
+    order = [(layer.width, head.name) for layer, head in longest_first(cells)]
+    assert order == [(1280, "svm"), (16, "svm"), (1280, "mlp"), (16, "mlp"), (1280, "tree"), (16, "tree"),
+                     (1280, "logreg"), (16, "logreg"), (1280, "knn"), (16, "knn")]
