@@ -80,6 +80,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     )
 
 
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The console entry point in this process (the same code path as the installed script):
+    (exit code, stdout, stderr). For checks of output and exit codes, where the process boundary
+    itself is not what is tested."""
+    from featx.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
 def run_python(code: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,

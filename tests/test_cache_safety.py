@@ -22,7 +22,7 @@ from featx.data.images import ImageDecodeError
 from featx.data.sources import ImageSource
 from featx.errors import CacheCorruptError, FeatxError, UsageError
 
-from .conftest import TINY, make_folder, run_cli
+from .conftest import TINY, cli, make_folder
 
 
 def _sha(path: Path) -> str:
@@ -68,17 +68,15 @@ def _outside_copy(entry_path: Path, tmp_path: Path, damage: bool) -> Path:
     return outside
 
 
-@pytest.mark.subprocess
-@pytest.mark.slow
-def test_cache_info_never_moves_a_foreign_hdf5_file(tmp_path, cache_dir):
+def test_cache_info_never_moves_a_foreign_hdf5_file(tmp_path, cache_dir, capsys):
     other = tmp_path / "some" / "other" / "file.h5"
     other.parent.mkdir(parents=True)
     with h5py.File(other, "w") as f:
         f["x"] = np.arange(10)
     before = _sha(other)
-    res = run_cli("--cache-dir", str(cache_dir), "cache", "info", str(other))
-    assert res.returncode != 0
-    assert "not a featx" in res.stderr and "Traceback" not in res.stderr
+    status, _, stderr = cli(capsys, "--cache-dir", str(cache_dir), "cache", "info", str(other))
+    assert status != 0
+    assert "not a featx" in stderr and "Traceback" not in stderr
     assert other.is_file() and _sha(other) == before
     assert _quarantined(cache_dir) == []
 
@@ -275,14 +273,12 @@ def test_non_entry_names_give_a_clear_error_not_a_recursion(entry, tmp_path, cac
     assert (cache_dir / "quarantine" / "old.h5").is_file()
 
 
-@pytest.mark.subprocess
-@pytest.mark.slow
-def test_cli_non_entry_name_exits_2(tmp_path, cache_dir):
+def test_cli_non_entry_name_exits_2(tmp_path, cache_dir, capsys):
     (cache_dir / "quarantine").mkdir(parents=True)
     (cache_dir / "quarantine" / "notes.txt").write_text("hello")
-    res = run_cli("--cache-dir", str(cache_dir.resolve()), "cache", "info", "quarantine/notes.txt")
-    assert res.returncode == 2, res.stderr
-    assert "not a featx cache entry" in res.stderr and "RecursionError" not in res.stderr
+    status, _, stderr = cli(capsys, "--cache-dir", str(cache_dir.resolve()), "cache", "info", "quarantine/notes.txt")
+    assert status == 2, stderr
+    assert "not a featx cache entry" in stderr and "RecursionError" not in stderr
 
 
 # ---------------------------------------------------------------- a second pass keeps its own bad images

@@ -4,47 +4,42 @@ import json
 
 import pytest
 
-from featx.cli import main
-
-from .conftest import make_folder, run_cli
+from .conftest import cli, make_folder, run_cli
 
 TINY_ARGS = ["--model", "timm:resnet18", "--weights", "none", "--image-size", "32", "--no-progress"]
 
 
-def _ok(res):
-    assert res.returncode == 0, res.stderr
-    return res
+def _ok(result):
+    status, stdout, stderr = result
+    assert status == 0, stderr
+    return stdout, stderr
 
 
-@pytest.mark.slow
-@pytest.mark.subprocess
-def test_extract_then_cache_hit_then_ls_info_rm(tmp_path):
+def test_extract_then_cache_hit_then_ls_info_rm(tmp_path, capsys):
     root = make_folder(tmp_path / "imgs", n_per_class=3)
-    first = _ok(run_cli("extract", f"folder:{root}", *TINY_ARGS))
-    assert "extracted" in first.stdout and "img/s" in first.stdout
-    assert "about" in first.stderr and "on disk" in first.stderr  # the size estimate, before the run
-    second = _ok(run_cli("extract", f"folder:{root}", *TINY_ARGS))
-    assert "cache hit: no forward pass" in second.stdout
+    stdout, stderr = _ok(cli(capsys, "extract", f"folder:{root}", *TINY_ARGS))
+    assert "extracted" in stdout and "img/s" in stdout
+    assert "about" in stderr and "on disk" in stderr  # the size estimate, before the run
+    stdout, _ = _ok(cli(capsys, "extract", f"folder:{root}", *TINY_ARGS))
+    assert "cache hit: no forward pass" in stdout
 
-    ls = _ok(run_cli("cache", "ls"))
-    assert "timm:resnet18" in ls.stdout and "samples" in ls.stdout
-    key = json.loads(_ok(run_cli("cache", "info", "--json", next(
-        p.name for p in (tmp_path / "cache").glob("*.h5")))).stdout)["key"]
-    info = _ok(run_cli("cache", "info", key[:10], "--verify"))
-    assert "all checksums verified" in info.stdout and "layer3" in info.stdout
-    _ok(run_cli("cache", "rm", key[:10]))
-    assert "No entries" in _ok(run_cli("cache", "ls")).stdout
+    ls, _ = _ok(cli(capsys, "cache", "ls"))
+    assert "timm:resnet18" in ls and "samples" in ls
+    key = json.loads(_ok(cli(capsys, "cache", "info", "--json", next(
+        p.name for p in (tmp_path / "cache").glob("*.h5"))))[0])["key"]
+    info, _ = _ok(cli(capsys, "cache", "info", key[:10], "--verify"))
+    assert "all checksums verified" in info and "layer3" in info
+    _ok(cli(capsys, "cache", "rm", key[:10]))
+    assert "No entries" in _ok(cli(capsys, "cache", "ls"))[0]
 
 
-@pytest.mark.slow
-@pytest.mark.subprocess
-def test_layers_and_models_commands():
-    res = _ok(run_cli("layers", "torchvision:resnet18", "--image-size", "64"))
-    assert "layer4" in res.stdout and "pre_logits" in res.stdout and "512" in res.stdout
-    js = json.loads(_ok(run_cli("layers", "efficientnet_lite0", "--json", "--pool", "avgmax")).stdout)
+def test_layers_and_models_commands(capsys):
+    stdout, _ = _ok(cli(capsys, "layers", "torchvision:resnet18", "--image-size", "64"))
+    assert "layer4" in stdout and "pre_logits" in stdout and "512" in stdout
+    js = json.loads(_ok(cli(capsys, "layers", "efficientnet_lite0", "--json", "--pool", "avgmax"))[0])
     assert js["input_size"] == 224 and [r["name"] for r in js["layers"] if r["auto"]][-1] == "pre_logits"
     assert js["layers"][-1]["width"] == 1280 and js["layers"][0]["width"] == 64  # avgmax doubles maps only
-    models = _ok(run_cli("models", "*lite*")).stdout
+    models, _ = _ok(cli(capsys, "models", "*lite*"))
     assert "efficientnet_lite0" in models and "timm:tf_efficientnet_lite0.in1k" in models
 
 
@@ -70,14 +65,6 @@ BAD_INPUT = [
 ]
 
 
-def cli(capsys, *args):
-    """The console entry point in this process (the same code path as the installed script)."""
-    with pytest.raises(SystemExit) as exited:
-        main(list(args))
-    captured = capsys.readouterr()
-    return exited.value.code, captured.out, captured.err
-
-
 @pytest.mark.parametrize("args, code, message", BAD_INPUT, ids=[" ".join(a[:4]) for a, _, _ in BAD_INPUT])
 def test_bad_input_gets_a_message_and_an_exit_code(capsys, args, code, message):
     status, _, stderr = cli(capsys, *args)
@@ -93,15 +80,13 @@ def test_bad_input_exit_code_in_a_real_process():
     assert res.returncode == 2 and "Did you mean 'resnet50'" in res.stderr and "Traceback" not in res.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.subprocess
-def test_missing_dataset_is_a_runtime_error_with_instructions(tmp_path):
-    res = run_cli("extract", "fashion-mnist", "--no-download", *TINY_ARGS,
-                  env={"FEATX_DATA": str(tmp_path / "none")}) if not _debian_fmnist() else None
-    if res is None:
+def test_missing_dataset_is_a_runtime_error_with_instructions(tmp_path, capsys, monkeypatch):
+    if _debian_fmnist():
         pytest.skip("Debian's dataset-fashion-mnist is installed; the missing case is covered in test_data")
-    assert res.returncode == 1 and "apt-get install dataset-fashion-mnist" in res.stderr
-    assert "Traceback" not in res.stderr
+    monkeypatch.setenv("FEATX_DATA", str(tmp_path / "none"))
+    status, _, stderr = cli(capsys, "extract", "fashion-mnist", "--no-download", *TINY_ARGS)
+    assert status == 1 and "apt-get install dataset-fashion-mnist" in stderr
+    assert "Traceback" not in stderr
 
 
 def _debian_fmnist():
@@ -110,37 +95,31 @@ def _debian_fmnist():
     return (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.subprocess
-def test_strict_bad_image_exits_1_with_the_path(tmp_path):
+def test_strict_bad_image_exits_1_with_the_path(tmp_path, capsys):
     root = make_folder(tmp_path / "imgs", n_per_class=2, splits=None)
     (root / "owl" / "zero.png").write_bytes(b"")
-    res = run_cli("extract", f"folder:{root}", *TINY_ARGS, "--strict")
-    assert res.returncode == 1 and "owl/zero.png" in res.stderr and "empty file" in res.stderr
-    lenient = _ok(run_cli("extract", f"folder:{root}", *TINY_ARGS))
-    assert "1 image(s) could not be read" in lenient.stderr and "owl/zero.png" in lenient.stderr
+    status, _, stderr = cli(capsys, "extract", f"folder:{root}", *TINY_ARGS, "--strict")
+    assert status == 1 and "owl/zero.png" in stderr and "empty file" in stderr
+    _, lenient = _ok(cli(capsys, "extract", f"folder:{root}", *TINY_ARGS))
+    assert "1 image(s) could not be read" in lenient and "owl/zero.png" in lenient
 
 
-@pytest.mark.slow
-@pytest.mark.subprocess
-def test_help_and_version():
-    assert "extract" in _ok(run_cli("--help")).stdout
-    assert _ok(run_cli("--version")).stdout.startswith("featx ")
-    assert run_cli().returncode == 2  # no command: usage
+def test_help_and_version(capsys):
+    assert "extract" in _ok(cli(capsys, "--help"))[0]
+    assert _ok(cli(capsys, "--version"))[0].startswith("featx ")
+    assert cli(capsys)[0] == 2  # no command: usage
 
 
-@pytest.mark.slow
-@pytest.mark.subprocess
-def test_probe_command_on_an_entry_and_on_a_dataset(tmp_path):
+def test_probe_command_on_an_entry_and_on_a_dataset(tmp_path, capsys):
     root = make_folder(tmp_path / "imgs", n_per_class=8)
-    res = _ok(run_cli("probe", f"folder:{root}", *TINY_ARGS, "--heads", "logreg,knn", "--jobs", "1",
-                      "--out", str(tmp_path / "res")))
-    assert "best:" in res.stdout and "advice" in res.stdout and "test top-1" in res.stdout
+    stdout, _ = _ok(cli(capsys, "probe", f"folder:{root}", *TINY_ARGS, "--heads", "logreg,knn", "--jobs", "1",
+                        "--out", str(tmp_path / "res")))
+    assert "best:" in stdout and "advice" in stdout and "test top-1" in stdout
     assert (tmp_path / "res" / "layers.png").is_file()
     key = json.loads((tmp_path / "res" / "results.json").read_text())["entry"]["key"]
-    again = _ok(run_cli("probe", key[:12], "--heads", "knn", "--jobs", "1", "--no-plots", "--out",
-                        str(tmp_path / "res2")))
-    assert "knn" in again.stdout and "extracted" not in again.stdout  # read from the cache only
+    again, _ = _ok(cli(capsys, "probe", key[:12], "--heads", "knn", "--jobs", "1", "--no-plots", "--out",
+                       str(tmp_path / "res2")))
+    assert "knn" in again and "extracted" not in again  # read from the cache only
 
 
 BAD_PROBE = [

@@ -18,7 +18,7 @@ from featx.data import ImageDataset, Preprocessing, open_dataset
 from featx.data.images import ImageDecodeError, ImageReadError, decode_image
 from featx.errors import FeatxError
 
-from .conftest import TINY, make_folder, run_python
+from .conftest import TINY, cli, make_folder
 
 PRE = Preprocessing(32, 36, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -95,28 +95,24 @@ def test_a_transient_io_error_is_retried_and_the_image_is_read(tmp_path, monkeyp
     assert len(calls) == 3 and entry.samples()["ok"].all()
 
 
-@pytest.mark.slow
-@pytest.mark.subprocess
-def test_io_error_through_the_cli_exits_1_naming_the_file(tmp_path):
+def test_io_error_through_the_cli_exits_1_naming_the_file(tmp_path, monkeypatch, capsys):
+    import featx.data.images as im
+
     root = make_folder(tmp_path / "f", n_per_class=2, splits=None)
-    code = (
-        "import builtins, errno, sys\n"
-        "real = builtins.open\n"
-        "def fake(f, mode='r', *a, **k):\n"
-        "    if str(f).endswith('cat/img001.png') and 'r' in mode:\n"
-        "        raise OSError(errno.EIO, 'Input/output error', str(f))\n"
-        "    return real(f, mode, *a, **k)\n"
-        "builtins.open = fake\n"
-        "import featx.data.images as im; im.READ_RETRY_DELAY = 0.001\n"
-        "from featx.cli import main\n"
-        f"sys.argv = ['featx', 'extract', 'folder:{root}', '--model', 'timm:resnet18', '--weights', 'none',"
-        " '--image-size', '32', '--workers', '0']\n"
-        "main()\n"
-    )
-    res = run_python(code)
-    assert res.returncode == 1, res.stderr[-2000:]
-    assert "cat/img001.png" in res.stderr and "Input/output error" in res.stderr
-    assert "Traceback" not in res.stderr
+    real = builtins.open
+
+    def fake(f, mode="r", *args, **kwargs):
+        if str(f).endswith("cat/img001.png") and "r" in mode:
+            raise OSError(errno.EIO, "Input/output error", str(f))
+        return real(f, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake)
+    monkeypatch.setattr(im, "READ_RETRY_DELAY", 0.001)
+    status, _, stderr = cli(capsys, "extract", f"folder:{root}", "--model", "timm:resnet18", "--weights", "none",
+                            "--image-size", "32", "--workers", "0")
+    assert status == 1, stderr[-2000:]
+    assert "cat/img001.png" in stderr and "Input/output error" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_io_errors_inside_a_torchvision_dataset_are_not_bad_images(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import featx
-from featx.backbones.ladder import PRE_LOGITS
+from featx.backbones.ladder import PRE_LOGITS, trace_ladder
 from featx.backbones.registry import build_model, describe_model, parse_model
 from featx.backbones.taps import LayerTaps
 from featx.errors import UnknownLayerError
@@ -36,8 +36,33 @@ def _net(model, size):
 
 
 @pytest.fixture(scope="module")
-def ladders():
-    return {name: featx.layers(name, image_size=size) for name, (size, _) in FAMILIES.items()}
+def nets():
+    """Each random-init network built once for the module: the tests only run it forward under no_grad,
+    and taps remove their hooks on exit. Built lazily, so a test run alone builds only its models."""
+    built = {}
+
+    def net(model, size=64):
+        if (model, size) not in built:
+            built[model, size] = _net(model, size)
+        return built[model, size]
+
+    return net
+
+
+@pytest.fixture(scope="module")
+def ladders(nets):
+    """Each family's ladder as ``featx.layers`` traces it (a random-init copy at the given size),
+    traced on the module's shared network."""
+    return {name: trace_ladder(nets(name, size), size) for name, (size, _) in FAMILIES.items()}
+
+
+def test_the_api_traces_the_ladder_the_module_traces(ladders):
+    for model in ("torchvision:resnet18", "timm:convnext_atto"):
+        ours = featx.layers(model, image_size=FAMILIES[model][0])
+        theirs = ladders[model]
+        assert ours.auto == theirs.auto
+        assert [(x.name, x.raw_shape, x.depth, x.kind) for x in ours.layers] == \
+            [(x.name, x.raw_shape, x.depth, x.kind) for x in theirs.layers]
 
 
 @pytest.mark.parametrize("model", list(FAMILIES))
@@ -56,11 +81,11 @@ def test_ladder_is_ordered_and_auto_is_a_subset(ladders, model):
 
 
 @pytest.mark.parametrize("model", list(FAMILIES))
-def test_ladder_shapes_match_the_forward_pass(ladders, model):
+def test_ladder_shapes_match_the_forward_pass(ladders, nets, model):
     """Contract: what the ladder says each layer outputs is what a forward pass produces."""
     size = FAMILIES[model][0]
     ladder = ladders[model]
-    net = _net(model, size)
+    net = nets(model, size)
     rules = {layer.name: "none" for layer in ladder.layers}
     x = torch.randn(2, 3, size, size)
     with LayerTaps(net, ladder.layers, rules) as taps, torch.no_grad():
@@ -71,16 +96,15 @@ def test_ladder_shapes_match_the_forward_pass(ladders, model):
 
 @pytest.mark.parametrize("model", ["torchvision:resnet18", "torchvision:efficientnet_b0", "efficientnet_lite0",
                                    "torchvision:densenet121", "timm:resnet18"])
-def test_auto_never_holds_two_layers_with_the_same_average(model):
+def test_auto_never_holds_two_layers_with_the_same_average(ladders, nets, model):
     """Under ``avg`` pooling no two auto layers give the same features (the map the network
     averages into ``pre_logits`` is left out, whatever its weights: timm's random-init ResNet
     zeroes each block's last norm, so there ``layer4.0`` is that map too)."""
-    from featx.backbones.ladder import trace_ladder
     from featx.layer import layer_rule
 
     size = 64
-    net = _net(model, size)
-    ladder = trace_ladder(net, size)
+    net = nets(model, size)
+    ladder = ladders[model] if model in ladders else trace_ladder(net, size)
     picked = [layer for layer in ladder.layers if layer.name in ladder.auto]
     rules = {layer.name: layer_rule(layer.kind, layer.has_cls, "avg", "cls") for layer in picked}
     with LayerTaps(net, picked, rules) as taps, torch.no_grad():
@@ -102,10 +126,10 @@ def test_vit_tokens_know_their_class_and_register_tokens(ladders):
     assert sum(layer.kind == "tokens" for layer in ladders["timm:vit_small_patch14_reg4_dinov2"].layers) >= 12
 
 
-def test_pre_logits_equals_timm_forward_head():
+def test_pre_logits_equals_timm_forward_head(ladders, nets):
     """An independent computation of the embedding: timm's own pre-logits path."""
-    net = _net("timm:convnext_atto", 64)
-    ladder = featx.layers("timm:convnext_atto", image_size=64)
+    net = nets("timm:convnext_atto", 64)
+    ladder = ladders["timm:convnext_atto"]
     x = torch.randn(3, 3, 64, 64)
     with LayerTaps(net, [ladder.layers[-1]], {PRE_LOGITS: "identity"}) as taps, torch.no_grad():
         ours = taps(x)[PRE_LOGITS]
@@ -114,9 +138,9 @@ def test_pre_logits_equals_timm_forward_head():
     torch.testing.assert_close(ours, theirs)
 
 
-def test_stage_output_equals_torchvision_layer_output():
-    net = _net("torchvision:resnet18", 64)
-    ladder = featx.layers("torchvision:resnet18", image_size=64)
+def test_stage_output_equals_torchvision_layer_output(ladders, nets):
+    net = nets("torchvision:resnet18", 64)
+    ladder = ladders["torchvision:resnet18"]
     layer2 = next(layer for layer in ladder.layers if layer.name == "layer2")
     x = torch.randn(2, 3, 64, 64)
     with LayerTaps(net, [layer2], {"layer2": "none"}) as taps, torch.no_grad():

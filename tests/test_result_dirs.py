@@ -17,7 +17,7 @@ from featx import _resultdir
 from featx._resultdir import FINETUNE, MARKER, PROBE, exchange, found_kind, staged
 from featx.errors import UsageError
 
-from .conftest import TINY, TINY_MODEL, make_folder, run_cli, run_python
+from .conftest import TINY, TINY_MODEL, cli, make_folder, run_python
 
 TINY_ARGS = ["--model", TINY_MODEL, "--weights", "none", "--image-size", "32", "--no-progress"]
 TINY_FT = {"model": TINY_MODEL, "weights": "none", "image_size": 32, "progress": False, "workers": 0,
@@ -65,18 +65,16 @@ def finetune_run(tmp_path_factory, images):
 # ------------------------------------------------------------------------------ the reported defect
 
 
-@pytest.mark.subprocess
-@pytest.mark.slow  # a subprocess
-def test_probe_cli_refuses_a_folder_of_user_files_before_extracting(tmp_path, images):
+def test_probe_cli_refuses_a_folder_of_user_files_before_extracting(tmp_path, images, capsys):
     folder = notes(tmp_path / "my-notes")
     before = snapshot(folder)
-    res = run_cli("probe", f"folder:{images}", *TINY_ARGS, "--heads", "logreg", "--jobs", "1", "--no-plots",
-                  "--out", "my-notes")
-    assert res.returncode == 2, res.stderr
-    message = " ".join(res.stderr.split())
+    status, stdout, stderr = cli(capsys, "probe", f"folder:{images}", *TINY_ARGS, "--heads", "logreg", "--jobs", "1",
+                                 "--no-plots", "--out", "my-notes")
+    assert status == 2, stderr
+    message = " ".join(stderr.split())
     assert "my-notes" in message and "thesis.tex" in message and "--out" in message
     assert snapshot(folder) == before and sorted(os.listdir(folder)) == ["refs.bib", "thesis.tex"]
-    assert "extracted" not in res.stdout and not list(tmp_path.glob("cache/**/*.h5"))  # before any extraction
+    assert "extracted" not in stdout and not list(tmp_path.glob("cache/**/*.h5"))  # before any extraction
     assert hidden_siblings(folder) == []
 
 
@@ -288,14 +286,12 @@ def test_finetune_refuses_user_files_and_a_probe_result_and_deletes_nothing(imag
     assert snapshot(result) == before
 
 
-@pytest.mark.subprocess
-@pytest.mark.slow  # a subprocess
-def test_finetune_cli_refuses_user_files_before_training(tmp_path, images):
+def test_finetune_cli_refuses_user_files_before_training(tmp_path, images, capsys):
     folder = notes(tmp_path / "my-notes")
-    res = run_cli("finetune", f"folder:{images}", *TINY_ARGS, "--layer", "layer2", "--epochs", "1", "--out",
-                  "my-notes")
-    assert res.returncode == 2, res.stderr
-    assert "thesis.tex" in " ".join(res.stderr.split())
+    status, _, stderr = cli(capsys, "finetune", f"folder:{images}", *TINY_ARGS, "--layer", "layer2", "--epochs", "1",
+                            "--out", "my-notes")
+    assert status == 2, stderr
+    assert "thesis.tex" in " ".join(stderr.split())
     assert sorted(os.listdir(folder)) == ["refs.bib", "thesis.tex"]
 
 
