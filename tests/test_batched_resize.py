@@ -200,12 +200,12 @@ def test_an_interrupted_tensor_run_resumes_bit_identical(tmp_path, monkeypatch):
 
 def test_digits_end_to_end():
     """By name, through --limit's stratified subset (whose pixels come from the full array)."""
-    options = {"layers": "layer2,pre_logits", "limit": 600, **TINY}
+    options = {"layers": "layer2,pre_logits", "limit": 150, **TINY}
     entry = featx.extract("digits", **options)
     assert entry.config["preprocessing"]["resize_engine"] == "tensor"
     assert entry.config["dataset"]["source"] == "digits" and entry.samples()["ok"].all()
     X = entry.load("pre_logits").X
-    assert X.shape == (600, 512) and np.isfinite(X).all() and X.std(axis=0).max() > 0
+    assert X.shape == (150, 512) and np.isfinite(X).all() and X.std(axis=0).max() > 0
     assert not featx.extract("digits", **options).last_run.forward_pass
 
 
