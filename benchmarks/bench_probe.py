@@ -40,14 +40,16 @@ def plain_sklearn(entry_path: str, heads: list[str], seed: int = 0) -> dict:
             X = f["layers"][layer][()][ok].astype(np.float64)  # what a hand-written script feeds scikit-learn
             for name in heads:
                 head = HEADS[name]
-                grid = grid_for(head, len(splits.train))
+                grid = grid_for(head, len(splits.train), X.shape[1])
                 scores = []
                 for params in grid:
-                    pipe = Pipeline([("scaler", StandardScaler()), ("clf", PLAIN[name](len(splits.train), seed))])
+                    pipe = Pipeline([("scaler", StandardScaler()), ("clf", PLAIN[name](len(splits.train), seed,
+                                                                                       X.shape[1]))])
                     pipe.set_params(**{f"clf__{k}": v for k, v in params.items()})
                     scores.append(pipe.fit(X[fit], y[fit]).score(X[val], y[val]))
                 best = grid[int(np.argmax(scores))]
-                final = Pipeline([("scaler", StandardScaler()), ("clf", PLAIN[name](len(splits.train), seed))])
+                final = Pipeline([("scaler", StandardScaler()), ("clf", PLAIN[name](len(splits.train), seed,
+                                                                                    X.shape[1]))])
                 final.set_params(**{f"clf__{k}": v for k, v in best.items()})
                 final.fit(X[splits.train], y[splits.train])
                 cells[f"{layer}/{name}"] = {"params": best, "test_top1": float(final.score(X[splits.test],

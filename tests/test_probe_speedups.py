@@ -26,7 +26,7 @@ def digits():
 @pytest.fixture
 def small_svm(monkeypatch):
     """The SVM head's large-N variant (Nystroem map + LinearSVC) at a size a test can afford."""
-    monkeypatch.setattr(heads, "SVM_EXACT_MAX", 100)
+    monkeypatch.setattr(heads, "SVM_EXACT_MAX_ROWS", 100)
     monkeypatch.setattr(heads, "NYSTROEM_COMPONENTS", 64)
 
 
@@ -39,14 +39,14 @@ def test_nystroem_map_fitted_once_gives_the_loop_s_scores_and_predictions(digits
     head = HEADS["svm"]
     folds = [(train[f], train[v]) for f, v in validation_folds(y[train], 2, 0)]  # two folds: the map per fold
     chosen = select(head, X, y, folds, seed=0, n_rows=len(train))
-    grid = grid_for(head, len(train))
+    grid = grid_for(head, len(train), X.shape[1])
     assert [list(p) for p in grid] == [["svm__C"]] * 2  # the Nystroem variant was the one exercised
     scores, preds = [], []
     for params in grid:  # the straightforward loop: a fresh pipeline per grid entry and fold
         fold_preds = []
         for fit, val in folds:
             scaler = StandardScaler().fit(X[fit])
-            model = clone(head.engine().build(len(train), 0, "cpu")).set_params(**params)
+            model = clone(head.engine().build(len(train), 0, "cpu", X.shape[1])).set_params(**params)
             model.fit(scaler.transform(X[fit]), y[fit])
             fold_preds.append(model.predict(scaler.transform(X[val])))
         preds.append(np.concatenate(fold_preds))
@@ -93,3 +93,70 @@ def test_cells_go_out_costliest_head_first_then_widest_layer():
     order = [(layer.width, head.name) for layer, head in longest_first(cells)]
     assert order == [(1280, "svm"), (16, "svm"), (1280, "mlp"), (16, "mlp"), (1280, "tree"), (16, "tree"),
                      (1280, "logreg"), (16, "logreg"), (1280, "knn"), (16, "knn")]
+
+
+def test_svm_variant_follows_rows_and_width():
+    """libsvm's exact SVM costs rows^2 x width: exact where that fits, Nystroem above."""
+    assert heads.svm_is_exact(12_000, 1_280) and heads.svm_is_exact(20_000, 1_280)
+    assert not heads.svm_is_exact(12_000 * 2, 16)  # above the row cap, whatever the width
+    assert heads.svm_is_exact(10_000, 5_120) and not heads.svm_is_exact(12_000, 5_120)
+    assert heads.svm_is_exact(20_000, 16) == heads.svm_is_exact(20_000, heads.SVM_NARROW)
+    assert heads.svm_is_exact(10_000) and not heads.svm_is_exact(10_001)  # width unknown: the widest rule
+    assert type(heads._svm(12_000, 0, 1_280)).__name__ == "SVC"
+    assert type(heads._svm(12_000, 0, 5_120)).__name__ == "Pipeline"
+    assert grid_for(HEADS["svm"], 12_000, 1_280) == [{"C": 1.0}, {"C": 10.0}]
+    assert grid_for(HEADS["svm"], 12_000, 5_120) == [{"svm__C": 1.0}, {"svm__C": 10.0}]
+
+
+def test_rbf_kernel_matrix_matches_scikit_learn(digits):
+    from sklearn.metrics.pairwise import rbf_kernel
+
+    from featx.probing.kernel_svm import rbf_kernel_matrix, scale_gamma
+
+    X = StandardScaler().fit_transform(digits[0][:300]).astype(np.float32)
+    gamma = scale_gamma(X)
+    assert gamma == pytest.approx(1.0 / (X.shape[1] * X.astype(np.float64).var()))
+    ours = rbf_kernel_matrix(X, X[:170], gamma)
+    assert ours.dtype == np.float64 and ours.shape == (300, 170)
+    assert np.allclose(ours, rbf_kernel(X.astype(np.float64), X[:170].astype(np.float64), gamma=gamma), atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel_fits", [True, False])
+def test_exact_svm_selection_from_one_kernel_matches_libsvm_per_c(digits, monkeypatch, kernel_fits):
+    """One precomputed kernel per fold for every C: the choices and validation predictions of libsvm
+    computing its own kernel per C (float32 rounding of the kernel aside). When the kernel does
+    not fit its memory budget, selection is libsvm's own loop."""
+    from sklearn.svm import SVC
+
+    from featx.probing import kernel_svm
+
+    if not kernel_fits:
+        monkeypatch.setattr(kernel_svm, "KERNEL_MAX_BYTES", 1000)
+    served, original = [], kernel_svm.precomputed_grid_predictions
+    monkeypatch.setattr(kernel_svm, "precomputed_grid_predictions",
+                        lambda *args: served.append(original(*args)) or served[-1])
+    X, y, train, _ = digits
+    head = HEADS["svm"]
+    folds = [(train[f], train[v]) for f, v in validation_folds(y[train], 2, 0)]
+    grid = [{"C": 0.1}, {"C": 1.0}, {"C": 10.0}]
+    monkeypatch.setattr(heads, "_svm_grid", lambda n, d=None: grid)  # a grid on which C matters here
+    chosen = select(head, X, y, folds, seed=0, n_rows=len(train))
+    scores, preds = [], []
+    for params in grid:
+        fold_preds = []
+        for fit, val in folds:
+            scaler = StandardScaler().fit(X[fit])
+            model = SVC(kernel="rbf", gamma="scale", **params).fit(scaler.transform(X[fit]), y[fit])
+            fold_preds.append(model.predict(scaler.transform(X[val])))
+        preds.append(np.concatenate(fold_preds))
+        scores.append(np.mean([np.mean(p == y[v]) for p, (_, v) in zip(fold_preds, folds)]))
+    assert chosen.params == grid[int(np.argmax(scores))]
+    best = int(np.argmax(scores))
+    assert len(served) == len(folds) and all((p is not None) == kernel_fits for p in served)
+    if kernel_fits:
+        assert chosen.scores == pytest.approx(scores, abs=2 / len(train))
+        assert np.mean(chosen.val_pred == preds[best]) >= 0.99
+    else:
+        assert chosen.scores == pytest.approx(scores, abs=0)
+        assert np.array_equal(chosen.val_pred, preds[best])
+    assert original(X[:10], y[:10], X[10:20], [{"svm__C": 1.0}]) is None  # the Nystroem variant's grid

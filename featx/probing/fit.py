@@ -59,7 +59,7 @@ def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int, device: s
     """
     n_rows = len(y) if n_rows is None else n_rows
     val_rows = np.concatenate([np.asarray(v, dtype=np.int64) for _, v in folds]) if folds else np.zeros(0, np.int64)
-    grid = feasible_grid(head, n_rows, folds)
+    grid = feasible_grid(head, n_rows, folds, X.shape[1])
     if not grid:
         return Selection({}, [], [], val_rows[:0], np.zeros(0, np.int64))
     engine = head.engine(device)
@@ -76,12 +76,16 @@ def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int, device: s
         with array_api(on_device):
             scaler = _fit_scaler(StandardScaler(), X_fit)
             X_fit, X_val = _standardise(scaler, X_fit), _standardise(scaler, X_val)
-            if engine.predict_grid is not None:
-                for i, pred in enumerate(engine.predict_grid(X_fit, y_fit, X_val, grid, device=device)):
+            # a fast path for the whole grid at once (k-NN, the exact SVM's kernel); None: not for this grid
+            grid_pred = None if engine.predict_grid is None else engine.predict_grid(X_fit, y_fit, X_val, grid,
+                                                                                     device=device)
+            if grid_pred is not None:
+                for i, pred in enumerate(grid_pred):
                     predictions[i].append(to_numpy(pred))
                     totals[i] += float(np.mean(predictions[i][-1] == truth))
                 continue
-            clf = engine.build(n_rows, seed, device)  # the variant (e.g. exact or approximate SVM) follows the size
+            # the variant (e.g. exact or approximate SVM) follows the refit's size
+            clf = engine.build(n_rows, seed, device, X.shape[1])
             # steps no grid entry tunes (the SVM's Nystroem map) are fitted once per fold, not once per entry
             clf, fold_grid, X_fit, X_val = fit_prefix(clf, grid, X_fit, y_fit, X_val)
             if head.warm_start:
@@ -105,11 +109,11 @@ def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int, device: s
                      np.concatenate(predictions[best]).astype(np.int64))
 
 
-def feasible_grid(head: Head, n: int, folds) -> list[dict]:
+def feasible_grid(head: Head, n: int, folds, n_features: int | None = None) -> list[dict]:
     """The head's grid without neighbour counts larger than the smallest fitting set: with the
     dataset's own validation split every training row fits, and a k above that cannot be refit."""
     n_fit = min((len(fit) for fit, _ in folds), default=n)
-    return [p for p in grid_for(head, n) if p.get("n_neighbors", 0) <= n_fit]
+    return [p for p in grid_for(head, n, n_features) if p.get("n_neighbors", 0) <= n_fit]
 
 
 def _fit_scaler(scaler: StandardScaler, X) -> StandardScaler:
@@ -189,7 +193,7 @@ def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.nd
         if on_device:
             X_train, y_train, X_test = (to_device(a, device) for a in (X_train, y_train, X_test))
         with array_api(on_device):
-            model = head.pipeline(len(train), seed, params, device)
+            model = head.pipeline(len(train), seed, params, device, X.shape[1])
             scaler, clf = model.named_steps["scaler"], model.named_steps["clf"]
             X_train = _standardise(_fit_scaler(scaler, X_train), X_train)  # the pipeline, fitted step by step
             with warnings.catch_warnings(record=True) as caught:
@@ -199,7 +203,7 @@ def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.nd
             notes = sorted(set(notes) | set(_convergence_notes(caught, params)))
             fit_seconds = time.perf_counter() - t0
             metrics, pred = evaluate(model, X_test, y[test], n_classes, seed)
-    grid = feasible_grid(head, len(train), folds)  # the grid select() walked
+    grid = feasible_grid(head, len(train), folds, X.shape[1])  # the grid select() walked
     row = {
         **layer, "head": head.name, "params": _plain(params),
         "val_top1": max(grid_scores) if grid_scores else None,

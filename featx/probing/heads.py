@@ -30,8 +30,14 @@ from sklearn.svm import SVC, LinearSVC
 from ..errors import UsageError, did_you_mean
 from .engines import array_api_ready, device_type
 
-#: exact RBF SVMs above this many training rows take hours; a Nystroem map is used instead
-SVM_EXACT_MAX = 10_000
+#: libsvm's exact RBF SVM costs about rows^2 x width. On one core of this project's CPU, 9,600
+#: Fashion-MNIST rows took 2-4 s per fit at 16-112 features and 50 s at 1,280, less than the
+#: Nystroem approximation below (whose LinearSVC at C = 10 took 36-178 s); at 48,000 rows it takes
+#: hours. So the exact SVM (the better model) is used up to this many rows and this work.
+SVM_EXACT_MAX_ROWS = 20_000
+SVM_EXACT_MAX_WORK = 20_000**2 * 1_280
+SVM_NARROW = 128  # below this width libsvm's own work per row, not the kernel's, sets the cost
+SVM_UNKNOWN_WIDTH = 5_120  # width assumed when it is not known (the exact SVM up to 10,000 rows)
 NYSTROEM_COMPONENTS = 2_000
 
 
@@ -44,15 +50,17 @@ class Engine:
     """
 
     name: str
-    build: Callable[[int, int, str], BaseEstimator]  # (n_train, seed, device) -> unfitted estimator
+    build: Callable[..., BaseEstimator]  # (n_train, seed, device, n_features) -> unfitted estimator
     devices: tuple[str, ...] = ("cpu", "cuda")
     arrays: str = "numpy"
     predict_grid: Callable | None = field(default=None, compare=False)
     torch_on: tuple[str, ...] = ()  # device types where it computes with torch (whose threads then need a budget)
 
 
-def _sklearn_engine(build: Callable[[int, int], BaseEstimator]) -> Engine:
-    return Engine("scikit-learn", lambda n, seed, device: build(n, seed))
+def _sklearn_engine(build: Callable[..., BaseEstimator], predict_grid: Callable | None = None) -> Engine:
+    """scikit-learn's estimator from ``build(n_train, seed, n_features)``, on any device's numpy copy."""
+    return Engine("scikit-learn", lambda n, seed, device, n_features=None: build(n, seed, n_features),
+                  predict_grid=predict_grid)
 
 
 @dataclass(frozen=True)
@@ -70,14 +78,15 @@ class Head:
         usable = [e for e in self.engines if kind in e.devices and (e.arrays != "torch" or array_api_ready())]
         return usable[0] if usable else self.engines[-1]
 
-    def pipeline(self, n_train: int, seed: int, params: dict | None = None, device: str = "cpu") -> Pipeline:
-        clf = self.engine(device).build(n_train, seed, device)
+    def pipeline(self, n_train: int, seed: int, params: dict | None = None, device: str = "cpu",
+                 n_features: int | None = None) -> Pipeline:
+        clf = self.engine(device).build(n_train, seed, device, n_features)
         if params:
             clf.set_params(**params)
         return Pipeline([("scaler", StandardScaler()), ("clf", clf)])
 
 
-def _logreg(n, seed):
+def _logreg(n, seed, n_features=None):
     return LogisticRegression(max_iter=1000, tol=1e-4)
 
 
@@ -88,33 +97,39 @@ def _logreg(n, seed):
 LINSVM_MAX_ITER = 200
 
 
-def _linsvm(n, seed):
+def _linsvm(n, seed, n_features=None):
     # the dual solver: the primal one (what dual="auto" picks when n > d) took over 18 minutes
     # for a single fit at C = 1e-4 on that layer
     return LinearSVC(dual=True, max_iter=LINSVM_MAX_ITER, random_state=seed)
 
 
-def _svm(n, seed):
-    if n <= SVM_EXACT_MAX:
+def svm_is_exact(n_rows: int, n_features: int | None = None) -> bool:
+    """Whether the RBF SVM head fitted on ``n_rows`` rows of ``n_features`` is libsvm's exact one."""
+    width = SVM_UNKNOWN_WIDTH if n_features is None else max(int(n_features), SVM_NARROW)
+    return n_rows <= SVM_EXACT_MAX_ROWS and n_rows * n_rows * width <= SVM_EXACT_MAX_WORK
+
+
+def _svm(n, seed, n_features=None):
+    if svm_is_exact(n, n_features):
         return SVC(kernel="rbf", gamma="scale", random_state=seed)
     # large N: the RBF kernel through a Nystroem feature map and a linear SVM
     return Pipeline([("rbf", Nystroem(kernel="rbf", n_components=NYSTROEM_COMPONENTS, random_state=seed)),
                      ("svm", LinearSVC(dual=True, max_iter=1000, random_state=seed))])
 
 
-def _svm_grid(n: int) -> list[dict]:
+def _svm_grid(n: int, n_features: int | None = None) -> list[dict]:
     # the same C for both variants: LinearSVC's C weighs the summed loss as SVC's does (on
     # Fashion-MNIST features, C = 0.01 and 0.1 lost 2-5 points of test accuracy to C = 10)
-    key = "C" if n <= SVM_EXACT_MAX else "svm__C"
+    key = "C" if svm_is_exact(n, n_features) else "svm__C"
     return [{key: c} for c in (1.0, 10.0)]
 
 
-def _mlp(n, seed):
+def _mlp(n, seed, n_features=None):
     return MLPClassifier(hidden_layer_sizes=(512,), early_stopping=True, n_iter_no_change=5, max_iter=200,
                          random_state=seed)
 
 
-def _knn(n, seed):
+def _knn(n, seed, n_features=None):
     return KNeighborsClassifier(metric="cosine", algorithm="brute")
 
 
@@ -135,7 +150,7 @@ def knn_score_grid(X_fit, y_fit, X_val, y_val, grid: Sequence[dict]) -> list[flo
     return scores
 
 
-def _exact_knn(n, seed, device):
+def _exact_knn(n, seed, device, n_features=None):
     from .knn import CosineKNeighborsClassifier
 
     return CosineKNeighborsClassifier(device=device)
@@ -147,11 +162,17 @@ def _exact_knn_predict_grid(X_fit, y_fit, X_val, grid: Sequence[dict], device: s
     return grid_predictions(X_fit, y_fit, X_val, [p["n_neighbors"] for p in grid], device=device)[0]
 
 
-def _array_api_logreg(n, seed, device):
+def _exact_svm_predict_grid(X_fit, y_fit, X_val, grid: Sequence[dict], device: str = "cpu") -> list | None:
+    from .kernel_svm import precomputed_grid_predictions
+
+    return precomputed_grid_predictions(X_fit, y_fit, X_val, grid)
+
+
+def _array_api_logreg(n, seed, device, n_features=None):
     return LogisticRegression(max_iter=1000, tol=1e-4)
 
 
-def _torch_mlp(n, seed, device):
+def _torch_mlp(n, seed, device, n_features=None):
     from .mlp import TorchMLPClassifier
 
     return TorchMLPClassifier(hidden_layer_sizes=(512,), early_stopping=True, n_iter_no_change=5, max_iter=200,
@@ -165,8 +186,9 @@ HEADS: dict[str, Head] = {
                    description="multinomial logistic regression (L-BFGS), C on a log grid"),
     "linsvm": Head("linsvm", (_sklearn_engine(_linsvm),), [{"C": c} for c in (1e-4, 1e-3, 1e-2)],
                    description="linear SVM (LinearSVC), C on a log grid"),
-    "svm": Head("svm", (_sklearn_engine(_svm),), [], description=f"RBF SVM; above {SVM_EXACT_MAX} training rows "
-                f"an RBF Nystroem map ({NYSTROEM_COMPONENTS} components) + linear SVM"),
+    "svm": Head("svm", (_sklearn_engine(_svm, predict_grid=_exact_svm_predict_grid),), [],
+                description=f"RBF SVM (libsvm); above {SVM_EXACT_MAX_ROWS} training rows, or fewer but wide, an "
+                f"RBF Nystroem map ({NYSTROEM_COMPONENTS} components) + linear SVM"),
     "mlp": Head("mlp", (Engine("torch", _torch_mlp, ("cuda",), torch_on=("cuda",)), _sklearn_engine(_mlp)),
                 [{"alpha": a} for a in (1e-4, 1e-2)],
                 description="one hidden layer of 512, early stopping, L2 alpha on a grid"),
@@ -177,8 +199,8 @@ HEADS: dict[str, Head] = {
 DEFAULT_HEADS = ("logreg", "linsvm", "knn", "mlp", "svm")
 
 
-def grid_for(head: Head, n_train: int) -> list[dict]:
-    return _svm_grid(n_train) if head.name == "svm" and not head.grid else list(head.grid)
+def grid_for(head: Head, n_train: int, n_features: int | None = None) -> list[dict]:
+    return _svm_grid(n_train, n_features) if head.name == "svm" and not head.grid else list(head.grid)
 
 
 def custom_head(name: str, estimator: BaseEstimator, grid: Sequence[dict] | None = None) -> Head:
@@ -187,7 +209,7 @@ def custom_head(name: str, estimator: BaseEstimator, grid: Sequence[dict] | None
         raise UsageError(
             f"Head {name!r} must be a scikit-learn classifier (fit/predict), got {type(estimator).__name__}."
         )
-    return Head(name, (_sklearn_engine(lambda n, seed, _e=estimator: clone(_e)),), list(grid or [{}]),
+    return Head(name, (_sklearn_engine(lambda n, seed, n_features, _e=estimator: clone(_e)),), list(grid or [{}]),
                 description=f"custom {type(estimator).__name__}")
 
 

@@ -236,7 +236,8 @@ def probe(
         if best_cell.model is None:  # k-NN models hold their training data: refit here, not shipped back
             head = next(h for h in head_list if h.name == best_cell.row["head"])
             X = entry.load(best_cell.row["layer"]).X
-            best_cell.model = portable(head.pipeline(len(splits.train), seed, best_cell.row["params"], device).fit(
+            best_cell.model = portable(head.pipeline(len(splits.train), seed, best_cell.row["params"], device,
+                                                     X.shape[1]).fit(
                 X[splits.train], y[splits.train]))
 
         linear = _linear_head(cells, best_cell, entry, ids[splits.test])

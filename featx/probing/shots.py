@@ -115,7 +115,7 @@ def _hold_out_fits(y_fit: np.ndarray, fraction: float) -> bool:
 def _fit_and_score(head: Head, X, y, rows, test_rows, params, seed, n_classes, device) -> tuple[float, list[str]]:
     engine = head.engine(device)
     on_device = engine.arrays == "torch"
-    model = head.pipeline(len(rows), seed, None, device)
+    model = head.pipeline(len(rows), seed, None, device, X.shape[1])
     clf = model.named_steps["clf"]
     applied, notes = _applicable_params(clf, params, y[rows])
     clf.set_params(**applied)
