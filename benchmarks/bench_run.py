@@ -27,8 +27,9 @@ IMAGE_SIZE = 96  # featx run's default input size (featx/cli.py)
 N_FASHION = 70_000
 
 
-def _tree_memory(root: int) -> tuple[int, int]:
-    """Resident and proportional bytes (RSS, PSS) of ``root`` and all its descendants.
+def _tree_memory(root: int) -> tuple[int, int, list[dict]]:
+    """Resident and proportional bytes (RSS, PSS) of ``root`` and all its descendants, and each
+    process's share (pid, command, MiB).
 
     The RSS sum counts a page shared by several processes (torch's libraries, the page cache of
     a file they all read) once per process; PSS divides it among them, so its sum is what the
@@ -43,22 +44,23 @@ def _tree_memory(root: int) -> tuple[int, int]:
         except OSError:
             continue
         children.setdefault(ppid, []).append(int(entry.name))
-    rss = pss = 0
+    processes = []
     stack = [root]
     while stack:
         pid = stack.pop()
         stack += children.get(pid, [])
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    key, value = line.split()[:2]
-                    if key == "Rss:":
-                        rss += int(value) * 1024
-                    elif key == "Pss:":
-                        pss += int(value) * 1024
-        except (OSError, ValueError):
+                sizes = {line.split()[0]: int(line.split()[1]) * 1024 for line in f if line.split()[0] in
+                         ("Rss:", "Pss:")}
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")[:80]
+        except (OSError, ValueError, IndexError):
             continue
-    return rss, pss
+        processes.append({"pid": pid, "command": command, "rss_mib": round(sizes.get("Rss:", 0) / 2**20),
+                          "pss_mib": round(sizes.get("Pss:", 0) / 2**20)})
+    return (sum(p["rss_mib"] for p in processes) * 2**20, sum(p["pss_mib"] for p in processes) * 2**20,
+            processes)
 
 
 def featx_run(limit: int | None, cache_dir: str, extra: list[str] = ()) -> dict:
@@ -72,7 +74,7 @@ def featx_run(limit: int | None, cache_dir: str, extra: list[str] = ()) -> dict:
            "--no-progress", *extra]
     if limit:
         cmd += ["--limit", str(limit)]
-    peak, peak_pss = 0, 0
+    peak, peak_pss, at_peak = 0, 0, {}
     try:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -80,9 +82,11 @@ def featx_run(limit: int | None, cache_dir: str, extra: list[str] = ()) -> dict:
         done = threading.Event()
 
         def sample():
-            nonlocal peak, peak_pss
+            nonlocal peak, peak_pss, at_peak
             while not done.wait(0.2):
-                rss, pss = _tree_memory(proc.pid)
+                rss, pss, processes = _tree_memory(proc.pid)
+                if pss > peak_pss:  # who holds the memory at the peak, and when
+                    at_peak = {"seconds": round(time.perf_counter() - t0, 1), "processes": processes}
                 peak, peak_pss = max(peak, rss), max(peak_pss, pss)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -97,7 +101,8 @@ def featx_run(limit: int | None, cache_dir: str, extra: list[str] = ()) -> dict:
         best = results["best"]
         return {
             "entry": results["entry"]["path"],
-            "seconds": seconds, "peak_rss_bytes": peak, "peak_pss_bytes": peak_pss, "probe_seconds": results["seconds"],
+            "seconds": seconds, "peak_rss_bytes": peak, "peak_pss_bytes": peak_pss, "at_peak_pss": at_peak,
+            "probe_seconds": results["seconds"],
             "best": {k: best[k] for k in ("layer", "head", "params", "test_top1", "test_top1_ci")},
             "layers": list(dict.fromkeys(r["layer"] for r in results["rows"])),
             "table": {f"{r['layer']}/{r['head']}": r["test_top1"] for r in results["rows"]},
