@@ -6,7 +6,9 @@ The probe and fine-tune stages (scikit-learn, training code) load on first use, 
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_getattr
@@ -15,6 +17,8 @@ from .cache.entry import FeatureEntry, Features
 from .cache.store import CacheStore
 from .layer import Ladder
 from .probing.protocol import SELECTION_ROWS
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # imported on first use, see __getattr__
     from .backbones.registry import ModelListing
@@ -107,6 +111,28 @@ def check_probe_data(dataset, *, limit: int | None = None, seed: int = 0, cv: in
     raise UsageError(f"Too few images for the probe protocol with {shown}: {problem}. {hint}")
 
 
+def _extract_for_probe(dataset, model, **options):
+    """``extract`` in a child process when this one has not loaded torch (``featx run`` from the
+    command line), so that the probe's parent never holds torch and a forward pass's heap (about
+    1 GB less on the main job); in this process otherwise (nothing to gain), under torchrun, or
+    when an argument does not pickle (a Python object as dataset or model)."""
+    from ._isolated import call_in_child, picklable
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if "torch" in sys.modules or distributed or not picklable(dataset, model, options):
+        from .extraction import extract  # imports torch
+
+        return extract(dataset, model, **options)
+    log.debug("extracting in a child process (the probe's parent stays torch-free)")
+    return call_in_child(_extract_entry_path, dataset, model, **options)
+
+
+def _extract_entry_path(dataset, model, **options) -> str:
+    from .extraction import extract
+
+    return str(extract(dataset, model, **options).path)
+
+
 def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=None, probe_layers=None,
         cv: int | None = None, jobs: int | None = None, backend: str = "loky", scheduler: str | None = None,
         out_dir=None, seed: int = 0, progress: bool = True, selection_rows: int | None = SELECTION_ROWS,
@@ -116,7 +142,6 @@ def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=Non
     Returns the :class:`~featx.probing.ProbeResults` of the probe.
     """
     from ._resultdir import PROBE, check_target
-    from .extraction import extract
     from .probing import probe
     from .probing.heads import resolve_heads
 
@@ -127,7 +152,7 @@ def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=Non
                                data_root=extract_options.get("data_root"),
                                download=extract_options.get("download", True),
                                hash_content=extract_options.get("hash_content", False))
-    entry = extract(dataset, model, seed=seed, progress=progress, **extract_options)
+    entry = _extract_for_probe(dataset, model, seed=seed, progress=progress, **extract_options)
     return probe(entry, heads=heads, layers=probe_layers, cv=cv, seed=seed, jobs=jobs, backend=backend,
                  scheduler=scheduler, out_dir=out_dir, cache_dir=extract_options.get("cache_dir"),
                  progress=progress, device=extract_options.get("device", "auto"), selection_rows=selection_rows,

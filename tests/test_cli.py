@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from .conftest import cli, make_folder, run_cli
+from .conftest import cli, last_json, make_folder, run_cli, run_python
 
 TINY_ARGS = ["--model", "timm:resnet18", "--weights", "none", "--image-size", "32", "--no-progress"]
 
@@ -155,3 +155,35 @@ def test_progress_bars_redraw_rarely_when_written_to_a_log(monkeypatch):
     bar = progress_bar(total=10, desc="extract", unit="img", file=sys.stderr)
     assert bar.mininterval < 1
     bar.close()
+
+
+@pytest.mark.subprocess
+def test_run_extracts_in_a_child_so_the_probe_parent_never_loads_torch(tmp_path):
+    """featx run from a process without torch: the extraction runs (and frees its memory) in a
+    child; the probe, the report and the result are those of an in-process run on the same entry."""
+    options = dict(model="timm:resnet18", weights="none", image_size=32, limit=150, heads="logreg",
+                   layers="layer3,layer4", plots=False, cache_dir=str(tmp_path / "cache"), progress=False)
+    code = (f"import json, logging, sys, featx\nlogging.getLogger('featx').setLevel('DEBUG')\n"
+            f"logging.getLogger('featx').addHandler(logging.StreamHandler())\n"
+            f"res = featx.run('digits', out_dir={str(tmp_path / 'child')!r}, **{options!r})\n"
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'entry': res.entry['path'], 'rows': res.rows}))")
+    res = run_python(code)
+    assert res.returncode == 0, res.stderr
+    assert "extracting in a child process" in res.stderr
+    child = last_json(res.stdout)
+    assert child["torch"] is False
+    import featx  # this process has torch: the same call extracts here, and finds the child's entry
+
+    here = featx.run("digits", out_dir=tmp_path / "here", **options)
+    assert here.entry["path"] == child["entry"]
+    assert [(r["layer"], r["test_top1"]) for r in here.rows] == [(r["layer"], r["test_top1"]) for r in child["rows"]]
+
+
+def test_a_failure_in_the_child_is_raised_here_with_its_type():
+    from featx._isolated import call_in_child
+    from featx.errors import UsageError
+
+    from featx.probing.heads import resolve_heads
+
+    with pytest.raises(UsageError, match="Unknown head 'lgoreg'"):
+        call_in_child(resolve_heads, "lgoreg")
