@@ -182,7 +182,6 @@ def test_run_extracts_in_a_child_so_the_probe_parent_never_loads_torch(tmp_path)
 def test_a_failure_in_the_child_is_raised_here_with_its_type():
     from featx._isolated import call_in_child
     from featx.errors import UsageError
-
     from featx.probing.heads import resolve_heads
 
     with pytest.raises(UsageError, match="Unknown head 'lgoreg'"):
