@@ -3,7 +3,7 @@
 ``featx run`` extracts, then probes. Extraction loads torch (its libraries alone are about
 400 MB resident) and leaves the heap of a forward pass behind; the probe's parent only
 coordinates its workers. Extracting in a child that exits before the probe starts kept the
-parent of the main job's probe at about 150 MB instead of about 1 GB.
+parent of the main job's probe at 0.32 GiB instead of 0.97 GiB (PSS, benchmarks/bench_run.py).
 """
 
 from __future__ import annotations
@@ -22,21 +22,21 @@ def picklable(*objects) -> bool:
     return True
 
 
-def _logging_state() -> tuple[int, str | None, bool]:
+def _logging_state() -> tuple:
+    """The "featx" logger's level, propagation and stream handler's formatter (handlers do not pickle)."""
     logger = logging.getLogger("featx")
     handler = next((h for h in logger.handlers if isinstance(h, logging.StreamHandler)), None)
-    fmt = handler.formatter._fmt if handler is not None and handler.formatter is not None else None
-    return logger.level, fmt, logger.propagate
+    return logger.level, logger.propagate, handler is not None, getattr(handler, "formatter", None)
 
 
-def _call_with_logging(state: tuple[int, str | None, bool], fn, args, kwargs):
+def _call_with_logging(state: tuple, fn, args, kwargs):
     import sys
 
-    level, fmt, propagate = state
+    level, propagate, has_handler, formatter = state
     logger = logging.getLogger("featx")
-    if fmt is not None:
+    if has_handler:  # the standard streams are inherited: log lines go where the parent's went
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(fmt))
+        handler.setFormatter(formatter)
         logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = propagate
