@@ -157,6 +157,7 @@ def test_progress_bars_redraw_rarely_when_written_to_a_log(monkeypatch):
     bar.close()
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_run_extracts_in_a_child_so_the_probe_parent_never_loads_torch(tmp_path):
     """featx run from a process without torch: the extraction runs (and frees its memory) in a
@@ -179,6 +180,8 @@ def test_run_extracts_in_a_child_so_the_probe_parent_never_loads_torch(tmp_path)
     assert [(r["layer"], r["test_top1"]) for r in here.rows] == [(r["layer"], r["test_top1"]) for r in child["rows"]]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_failure_in_the_child_is_raised_here_with_its_type():
     from featx._isolated import call_in_child
     from featx.errors import UsageError
