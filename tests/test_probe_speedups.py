@@ -160,3 +160,21 @@ def test_exact_svm_selection_from_one_kernel_matches_libsvm_per_c(digits, monkey
         assert chosen.scores == pytest.approx(scores, abs=0)
         assert np.array_equal(chosen.val_pred, preds[best])
     assert original(X[:10], y[:10], X[10:20], [{"svm__C": 1.0}]) is None  # the Nystroem variant's grid
+
+
+def test_logreg_refit_starts_from_the_selected_solution_and_reaches_the_cold_fit(digits):
+    """The refit at the chosen C starts from selection's coefficients: fewer L-BFGS iterations to
+    the same (strictly convex) optimum, and a saved head without warm_start."""
+    from sklearn.linear_model import LogisticRegression
+
+    X, y, train, test = digits
+    folds = validation_folds(y[train], None, 0)
+    cell = run_cell(_meta(), HEADS["logreg"], X, y, train, test, folds, 10, 0)
+    clf = cell.model[-1]
+    assert clf.get_params()["warm_start"] is False
+    scaler = StandardScaler().fit(X[train])
+    cold = LogisticRegression(max_iter=1000, tol=1e-4, C=cell.row["params"]["C"]).fit(scaler.transform(X[train]),
+                                                                                      y[train])
+    assert clf.n_iter_[0] < cold.n_iter_[0]
+    assert np.mean(cell.model.predict(X[test]) == cold.predict(scaler.transform(X[test]))) >= 0.99
+    assert cell.row["test_top1"] == pytest.approx(cold.score(scaler.transform(X[test]), y[test]), abs=0.01)
