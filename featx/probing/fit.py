@@ -202,7 +202,8 @@ def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.nd
             model = head.pipeline(len(train), seed, params, device, X.shape[1])
             scaler, clf = model.named_steps["scaler"], model.named_steps["clf"]
             X_train = _standardise(_fit_scaler(scaler, X_train), X_train)  # the pipeline, fitted step by step
-            warm = _start_from(clf, chosen.start, y_train) if head.warm_start else False
+            # numpy only: the array API's warm start on device tensors is not exercised here (no GPU)
+            warm = _start_from(clf, chosen.start, y_train) if head.warm_start and not on_device else False
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
                 clf.fit(X_train, y_train)
