@@ -76,6 +76,7 @@ def extract_suite(quick: bool) -> dict:
 
 
 def probe_suite(quick: bool) -> dict:
+    from . import bench_heads
     from . import bench_probe as b
 
     heads = ["logreg", "linsvm", "knn", "mlp", "svm"]
@@ -83,6 +84,8 @@ def probe_suite(quick: bool) -> dict:
         "probe_vs_plain_sklearn": lambda: b.case_probe_vs_plain(isolated, 96, 3000 if quick else 14000, heads),
         "probe_vs_plain_sklearn_full": lambda: b.case_probe_vs_plain(isolated, 96, 5000 if quick else None,
                                                                      ["logreg", "knn"]),
+        "svm_one_kernel": lambda: bench_heads.case_svm_one_kernel(
+            isolated, isolated(b.ensure_entry, 96, 3000 if quick else 14000)),
     }
 
 
@@ -115,6 +118,7 @@ def _entry_in(cache_dir: Path) -> str:
 def run_suite(quick: bool) -> dict:
     """The main job (``featx run``) against the hardware, then what its probe chose against
     selecting on every row, on the entry that run built."""
+    from . import bench_heads
     from . import bench_probe as p
     from . import bench_run as b
 
@@ -134,6 +138,7 @@ def run_suite(quick: bool) -> dict:
     return {
         "run_vs_floor": lambda: b.case_run_vs_floor(isolated, str(cache), 10_000 if quick else None),
         "selection_rows": selection,
+        "logreg_warm_refit": lambda: bench_heads.case_logreg_warm_refit(isolated, _entry_in(cache)),
     }
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, top_k_accuracy_score
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -30,6 +31,7 @@ from featx.finetuning.metrics import score_logits
 from featx.finetuning.plan import ProbeResult, plan_explicit
 from featx.finetuning.runner import _probe_comparison
 from featx.probing.fit import evaluate
+from featx.probing.knn import CosineKNeighborsClassifier
 from featx.probing.protocol import check_split_sizes
 
 from .conftest import TINY, TINY_MODEL, make_folder
@@ -121,6 +123,30 @@ def test_the_same_predictions_give_the_same_numbers_in_both_stages():
     tuned = score_logits(y, logits, n_classes=7, seed=9)
     assert {k: tuned[k] for k in METRIC_KEYS} == probe_metrics
     assert tuned["n_test"] == len(y)
+
+
+class _NoSecondSearch(CosineKNeighborsClassifier):
+    def predict(self, X):
+        raise AssertionError("evaluate searched the neighbours twice")
+
+
+def test_knn_test_predictions_come_from_the_same_search_as_its_scores_and_keep_the_tie_rule():
+    """A k-NN head's predictions are the first argmax of its vote shares (ties to the lowest class
+    index): ``evaluate`` takes them from the one search that gave the top-5 scores."""
+    rng = np.random.default_rng(3)
+    X, y = rng.normal(size=(600, 12)), rng.integers(0, 8, 600)
+    for clf in (_NoSecondSearch(n_neighbors=4), KNeighborsClassifier(n_neighbors=4, metric="cosine")):
+        model = Pipeline([("scaler", StandardScaler()), ("clf", clf)]).fit(X[:400], y[:400])
+        votes = model.predict_proba(X[400:])
+        assert np.any(np.sort(votes, axis=1)[:, -1] == np.sort(votes, axis=1)[:, -2])  # vote ties occur
+        metrics, pred = evaluate(model, X[400:], y[400:], n_classes=8, seed=0)
+        expected = KNeighborsClassifier(n_neighbors=4, metric="cosine").fit(
+            model[:-1].transform(X[:400]), y[:400]).predict(model[:-1].transform(X[400:]))
+        np.testing.assert_array_equal(pred, expected)
+        assert metrics["test_top1"] == float(np.mean(expected == y[400:]))
+    weighted = Pipeline([("clf", KNeighborsClassifier(n_neighbors=4, weights="distance"))]).fit(X[:400], y[:400])
+    np.testing.assert_array_equal(evaluate(weighted, X[400:], y[400:], n_classes=8, seed=0)[1],
+                                  weighted.predict(X[400:]))  # not an argmax of its probabilities: predicted
 
 
 def test_validation_ranking_helper_puts_missing_scores_last():
@@ -219,3 +245,4 @@ def test_write_json_is_strict_and_atomic(tmp_path):
     write_json(path, {"a": float("nan"), "b": np.float32(0.5), "c": np.arange(2), "d": tmp_path})
     assert json.loads(path.read_text()) == {"a": None, "b": 0.5, "c": [0, 1], "d": str(tmp_path)}
     assert path.read_text().endswith("\n") and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+

@@ -21,6 +21,7 @@ from pathlib import Path
 from .. import __version__
 from .._runtime import resolve_device
 from ..backbones import DEFAULT_MODEL
+from ..backbones.fold import fold_batchnorm
 from ..backbones.ladder import trace_ladder
 from ..backbones.registry import build_model, describe_model, parse_model
 from ..cache.entry import FeatureEntry
@@ -203,6 +204,13 @@ def _opened_hit(path: Path) -> FeatureEntry:
 # ------------------------------------------------------------------------------- building an entry
 
 
+def _trace_batch(size: int):
+    """Two seeded noise images at the network's input size, to trace it (the same on every run and rank)."""
+    import torch
+
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 def _build(store: CacheStore, key: str, config: dict, base: FeatureEntry | None, request: ExtractionRequest,
            group: ProcessGroup | None = None) -> FeatureEntry:
     """Extract the requested layers ``base`` lacks and commit the entry that holds them all."""
@@ -214,6 +222,9 @@ def _build(store: CacheStore, key: str, config: dict, base: FeatureEntry | None,
     if not todo:  # only possible when names resolved differently from the stored ladder
         base.last_run = RunStats(forward_pass=False, layers_added=[])
         return base
+    # every ladder module keeps its own output, so a layer's features never depend on which others a run taps
+    net = fold_batchnorm(net.eval(), _trace_batch(request.pre.crop_size),
+                         keep={layer.module for layer in ladder.layers})
 
     plan = plan_shards(request, todo, key)
     _check_budget(request, plan)
