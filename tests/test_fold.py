@@ -86,6 +86,8 @@ def test_a_fold_that_would_change_the_output_keeps_the_original_network():
     training = _with_random_statistics(torchvision.models.resnet18(weights=None)).train()
     assert fold_batchnorm(training, torch.randn(2, 3, 32, 32)) is training  # batch statistics: nothing to fold
     assert fold_batchnorm(net.eval(), torch.randn(2, 5, 8, 8)) is net  # an input the trace cannot feed
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6])).eval()
+    assert fold_batchnorm(plain, torch.randn(2, 3, 8, 8)) is plain  # no batch norm: nothing to trace
 
 
 def test_extraction_folds_and_stores_the_unfolded_features(tmp_path, monkeypatch, caplog):

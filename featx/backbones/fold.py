@@ -117,8 +117,8 @@ def fold_batchnorm(net: nn.Module, example: torch.Tensor, keep: Collection[str] 
     ``keep``: module names whose own output must stay as it is (the tapped layers).
     Returns a folded copy, or ``net`` itself when nothing folds or the check fails.
     """
-    if net.training:
-        return net
+    if net.training or not any(_foldable(module) for module in net.modules()):
+        return net  # nothing to fold: no trace (transformers have no batch norm)
     pairs = _pairs(net, example, keep)
     if not pairs:
         return net
