@@ -14,6 +14,7 @@ original is kept.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Collection
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 TOLERANCE = 1e-4
 
 
+@functools.cache
 def _norm_types() -> tuple[type, ...]:
     """Normalisations whose eval forward is ``act(drop(batch_norm(x)))`` with running statistics."""
     types: list[type] = [nn.BatchNorm2d]
