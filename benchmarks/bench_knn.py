@@ -151,7 +151,7 @@ def _summary(runs: list[dict], ks) -> dict:
             "speedup_vs_float32": [round(r["speedup"], 2) for r in mine],
             "featx_seconds": [round(r["featx_seconds"], 2) for r in mine],
             "identical_to_sklearn_float64": all(r["identical_to_sklearn_float64"] for r in mine),
-            "queries_answered_by_sklearn_at_largest_k": [r["queries_answered_by_sklearn"][str(max(ks))] for r in mine],
+            "queries_on_whole_rows_at_largest_k": [r["queries_on_whole_rows"][str(max(ks))] for r in mine],
         }
     return out
 
@@ -175,7 +175,7 @@ def _compare(run, path: str, ks, threads: int, device: str) -> dict:
         "identical_to_sklearn_float64": bool(np.array_equal(ours["predictions"], sk64["predictions"])),
         "differ_from_sklearn_float64": per_k(int(n) for n in (ours["predictions"] != sk64["predictions"]).sum(1)),
         "differ_from_sklearn_float32": per_k(int(n) for n in (ours["predictions"] != sk32["predictions"]).sum(1)),
-        "queries_answered_by_sklearn": per_k(ours["deferred_queries"]),
+        "queries_on_whole_rows": per_k(ours["deferred_queries"]),
         "accuracy": {"featx": per_k(ours["scores"]),
                      "sklearn_float32": per_k(float(np.mean(p == y)) for p in sk32["predictions"]),
                      "sklearn_float64": per_k(float(np.mean(p == y)) for p in sk64["predictions"])},

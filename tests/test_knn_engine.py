@@ -207,17 +207,20 @@ def test_same_as_sklearn_on_cuda(data):
     assert score_grid(X, y, Q, y[: len(Q)], [1, 5, 20], device="cuda") == score_grid(X, y, Q, y[: len(Q)], [1, 5, 20])
 
 
-REAL_ENTRY = Path(__file__).resolve().parents[1] / "cache" / "bench-run" / \
-    "fashion-mnist-efficientnet_lite0-5c6a84d8cf6c93de.h5"
+REAL_ENTRIES = sorted((Path(__file__).resolve().parents[1] / "cache" / "bench-run").glob(
+    "fashion-mnist-efficientnet_lite0-*.h5"))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_ENTRY.is_file(), reason="needs the benchmark run's Fashion-MNIST entry")
-def test_score_grid_equals_sklearn_on_real_features():
+@pytest.mark.skipif(not REAL_ENTRIES, reason="needs the benchmark run's Fashion-MNIST entry")
+@pytest.mark.parametrize("screen", [False, True])
+def test_score_grid_equals_sklearn_on_real_features(screen, monkeypatch):
     """EfficientNet-Lite0 blocks.4 features (448 wide): 12,000 rows searched by 1,500 queries."""
     import h5py
 
-    with h5py.File(REAL_ENTRY, "r") as f:
+    if screen:
+        force_bfloat16_screen(monkeypatch)
+    with h5py.File(REAL_ENTRIES[-1], "r") as f:
         X, y = f["layers"]["blocks.4"][:13_500].astype(np.float32), f["samples/label"][:13_500]
     X = (X - X[:12_000].mean(axis=0)) / (X[:12_000].std(axis=0) + 1e-6)
     ks = [1, 5, 10, 20, 50]
@@ -225,6 +228,66 @@ def test_score_grid_equals_sklearn_on_real_features():
     for k, ours in zip(ks, predictions):
         assert np.array_equal(ours, sklearn_knn(X[:12_000], y[:12_000], k).predict(X[12_000:].astype(np.float64)))
     assert len(deferred) == len(ks)
+
+
+def force_bfloat16_screen(monkeypatch):
+    """The CPU's bfloat16 screen on any CPU and for any size of search (torch's bfloat16 product without
+    native instructions is slow, but sums in float32 all the same); returns the screen's per-call kept masks."""
+    kept = []
+    screened_top = knn._screened_top
+
+    def recorded(*args):
+        out = screened_top(*args)
+        kept.append(out[2].copy())
+        return out
+
+    monkeypatch.setattr(knn, "_NATIVE_BFLOAT16", True)
+    monkeypatch.setattr(knn, "SCREEN_MIN_WORK", 0)
+    monkeypatch.setattr(knn, "_screened_top", recorded)
+    return kept
+
+
+# tight clusters in 32 dimensions: more near-equal similarities past the top m than the bfloat16 bound can separate
+@pytest.mark.parametrize("data, k, cleared", [(random_data, 5, 0.5), (many_rows_with_duplicates, 5, 0.0),
+                                              (many_rows_with_duplicates, 20, 0.0)])
+def test_bfloat16_screen_gives_sklearns_answers(data, k, cleared, monkeypatch):
+    kept = force_bfloat16_screen(monkeypatch)
+    X, y, Q = data()
+    assert_same_as_sklearn(X, y, Q, k)
+    assert kept and all(mask.mean() >= cleared for mask in kept)
+
+
+def test_queries_the_bfloat16_screen_cannot_clear_are_searched_in_float32(monkeypatch):
+    kept = force_bfloat16_screen(monkeypatch)
+    monkeypatch.setattr(knn, "_screen_size", lambda m: m + 2)  # a tight screen: many queries not cleared
+    X, y, Q = random_data(seed=7, n=2_000)
+    assert_same_as_sklearn(X, y, Q, 10)
+    assert kept and 0 < np.mean(np.concatenate(kept)) < 1
+
+
+@pytest.mark.parametrize("n_features", [24, 448, 1280])
+def test_bfloat16_error_bound_holds(n_features):
+    """Against float64 similarities of scikit-learn's unit rows, near-duplicates (similarities near 1) included."""
+    rng = np.random.default_rng(n_features)
+    X, Q = rng.normal(size=(2_000, n_features)), rng.normal(size=(200, n_features))
+    X[:1_000] = X[0] + 0.05 * rng.normal(size=(1_000, n_features))
+    Q[:100] = X[0] + 0.05 * rng.normal(size=(100, n_features))
+    fit, queries = torch.from_numpy(knn._float32_units(X)), torch.from_numpy(knn._float32_units(Q))
+    fit16, queries16 = fit.bfloat16(), queries.bfloat16()
+    bound = knn._bfloat16_error(knn._rounding_norms(fit, fit16).max(), knn._rounding_norms(queries, queries16),
+                                n_features)
+    error = np.abs((queries16 @ fit16.T).double().numpy() - normalize(Q) @ normalize(X).T).max(axis=1)
+    assert np.all(error <= bound)
+    assert np.all(bound < 0.02)  # and tight enough to screen: twice the top m keeps most queries
+
+
+def test_bfloat16_screen_only_where_it_pays(monkeypatch):
+    monkeypatch.setattr(knn, "_NATIVE_BFLOAT16", False)
+    assert not knn._screen_pays(10_000, (60_000, 448), 70)
+    monkeypatch.setattr(knn, "_NATIVE_BFLOAT16", True)
+    assert knn._screen_pays(10_000, (60_000, 448), 70)
+    assert not knn._screen_pays(10_000, (1_000, 448), 70)  # the screen would keep most rows
+    assert not knn._screen_pays(10, (60_000, 448), 70)  # too little work to repay the screen's set-up
 
 
 def test_passes_sklearn_estimator_checks():

@@ -12,9 +12,10 @@ wherever float32 could be wrong, so neighbours and votes are scikit-learn's:
   float64 distances. The same bound shows that no training row outside the candidates can be
   as near as the k-th neighbour;
 * a query the bound cannot clear, and a query whose answer depends on how scikit-learn orders
-  *equal* float64 distances, is answered by scikit-learn itself. scikit-learn orders equal
-  distances with ``np.argpartition`` and then ``np.argsort`` of the whole distance row: not by
-  training row, nor by any rule that a few candidates could reproduce;
+  *equal* float64 distances, gets its whole row of float64 distances and scikit-learn's own
+  selection on it. scikit-learn orders equal distances with ``np.argpartition`` and then
+  ``np.argsort`` of the whole distance row: not by training row, nor by any rule that a few
+  candidates could reproduce;
 * votes have uniform weights, and a tie between classes goes to the lowest index in
   ``classes_``, as in scikit-learn's ``predict`` (``scipy.stats.mode``) and ``predict_proba``.
 
@@ -44,7 +45,7 @@ from numbers import Integral
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import normalize
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
@@ -60,6 +61,17 @@ GROUP_ROWS = 16
 #: float64 rows put at unit norm at a time: mostly in cache (a float64 copy of the whole set costs page faults),
 #: and few calls to ``normalize`` (its input checks cost about a millisecond a call)
 _UNIT_CHUNK_BYTES = 4 * 2**20
+#: float64 distances held per block of the queries that scikit-learn's own rule has to settle
+_FULL_ROWS_BYTES = 64 * 2**20
+#: bfloat16 similarities held per block of query rows by the CPU screen (torch's product: 64 MB blocks were as fast
+#: as larger ones, and a reused buffer saves page faults)
+SCREEN_BLOCK_BYTES = 128 * 2**20
+#: multiply-adds (queries x training rows x features) from which a bfloat16 screen repays its own set-up (a bfloat16
+#: copy of the training rows, their rounding errors), and from which it repays importing torch too
+SCREEN_MIN_WORK = 1e9
+SCREEN_IMPORT_WORK = 1e11
+#: queries whose kept rows get their float32 similarities at a time (16 x 2m rows gathered: in cache)
+_RESCORE_ROWS = 16
 #: OpenBLAS's double-precision kernel takes query rows four at a time; ranking candidates in full
 #: groups of four rounds every product as scikit-learn's one large product does
 _GEMM_ROWS = 4
@@ -75,8 +87,8 @@ class CosineKNeighborsClassifier(ClassifierMixin, BaseEstimator):
     """``KNeighborsClassifier(metric="cosine", algorithm="brute")`` with the search on a torch device.
 
     Same neighbours, votes, probabilities and predictions as scikit-learn on float64 data,
-    including its choices between equal distances (those queries are handed to scikit-learn)
-    and its vote tie rule (the lowest class index wins).
+    including its choices between equal distances (those queries get scikit-learn's selection on
+    their whole row of distances) and its vote tie rule (the lowest class index wins).
 
     n_neighbors : neighbours that vote, with uniform weights.
     device : "cpu", "cuda", "cuda:N", "auto" or a ``torch.device``; where the float32 search runs
@@ -126,7 +138,7 @@ class CosineKNeighborsClassifier(ClassifierMixin, BaseEstimator):
         dist, ind = ranking.distances(k), ranking.ind[:, :k].copy()
         deferred = np.flatnonzero(ranking.undecided(k, whole_order=True))
         if len(deferred):
-            dist[deferred], ind[deferred] = _sklearn_search(self._fit_X).kneighbors(X[deferred].astype(np.float64), k)
+            (dist[deferred], ind[deferred]), = _sklearn_kneighbors(X[deferred], self._fit_X, [k])
         return (dist, ind) if return_distance else ind
 
     def predict_proba(self, X):
@@ -177,7 +189,7 @@ def score_grid(X_fit, y_fit, X_val, y_val, ks: Sequence[int], device="cpu") -> l
 
 def grid_predictions(X_fit, y_fit, X_val, ks: Sequence[int], device="cpu") -> tuple[list[np.ndarray], list[int]]:
     """Predictions for every k in ``ks`` from one search at the largest k (as in :func:`score_grid`),
-    and how many queries scikit-learn answered at each k."""
+    and how many queries needed scikit-learn's rule on their whole distance row at each k."""
     ks = [int(k) for k in ks]
     model = CosineKNeighborsClassifier(n_neighbors=min(max(ks), len(X_fit)), device=device).fit(X_fit, y_fit)
     X_val = model._check_queries(X_val)
@@ -279,20 +291,146 @@ def _distances(sims: np.ndarray) -> np.ndarray:
 def _float32_candidates(fit_unit32, query_unit32, m: int, device, block_rows) -> tuple[np.ndarray, np.ndarray, float]:
     """The m training rows of largest float32 similarity per query, those similarities (descending), and
     a bound on their error."""
-    if _on_cpu(device):  # numpy only: a probe worker on a CPU never loads torch (about 600 MB)
+    if _on_cpu(device):  # torch only for a bfloat16 screen that pays for its import (about 500 MB)
         slack = _float32_error(fit_unit32.shape[1], 0.0)
-        cand, sims = _top_on_cpu(fit_unit32, query_unit32, m, block_rows)
-        return cand, sims, slack
+        return (*_cpu_candidates(fit_unit32, query_unit32, m, block_rows, slack), slack)
     import torch
 
     dev = resolve_torch_device(device)
     with torch.inference_mode(), _ieee_float32_matmul(dev):
         slack = _float32_error(fit_unit32.shape[1], _matmul_input_rounding(dev))
         if dev.type == "cpu":
-            cand, sims = _top_on_cpu(fit_unit32, query_unit32, m, block_rows)
+            cand, sims = _cpu_candidates(fit_unit32, query_unit32, m, block_rows, slack)
         else:
             cand, sims = _top_on_device(fit_unit32, query_unit32, m, block_rows, dev)
     return cand, sims, slack
+
+
+def _cpu_candidates(fit32, query32, m: int, block_rows, slack: float) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 top m, through a bfloat16 screen where the CPU multiplies bfloat16 natively (the
+    float32 product for the queries the screen cannot clear)."""
+    if not _screen_pays(len(query32), fit32.shape, m):
+        return _top_on_cpu(fit32, query32, m, block_rows)
+    import torch
+
+    from .engines import torch_threads
+
+    with torch.inference_mode(), torch_threads(None):
+        cand, sims, kept = _screened_top(fit32, query32, m, slack)
+    missed = np.flatnonzero(~kept)
+    if len(missed):
+        cand[missed], sims[missed] = _top_on_cpu(fit32, query32[missed], m, block_rows)
+    return cand, sims
+
+
+def _screen_pays(n_queries: int, fit_shape: tuple[int, int], m: int) -> bool:
+    """Whether a bfloat16 screen is worth it: the CPU has bfloat16 dot-product instructions (AVX512-BF16
+    or AMX: a bfloat16 product runs 2.5-3.5x numpy's float32 one there, and is slower than it without),
+    the screen keeps few of the training rows, and the product is large enough to repay importing
+    torch (1.5 s), unless it is imported already."""
+    import sys
+
+    n_fit, n_features = fit_shape
+    if not _native_bfloat16() or n_fit < 8 * _screen_size(m):
+        return False
+    work = n_queries * n_fit * n_features  # multiply-adds: 1e11 take about 1 s in float32 on 2 cores
+    return work >= SCREEN_MIN_WORK and ("torch" in sys.modules or work >= SCREEN_IMPORT_WORK)
+
+
+def _screen_size(m: int) -> int:
+    """Rows kept per query by the bfloat16 screen: with twice the float32 top m it cleared 98.1% and 99.98%
+    of the queries on Fashion-MNIST features of 448 and 1,280 dimensions (1.5 m: 67% and 97%; 3 m: all,
+    but slower overall)."""
+    return 2 * m
+
+
+_NATIVE_BFLOAT16: bool | None = None
+
+
+def _native_bfloat16() -> bool:
+    """CPU flags from Linux's /proc/cpuinfo (no torch import to ask), else torch's view if it is loaded."""
+    global _NATIVE_BFLOAT16
+    if _NATIVE_BFLOAT16 is None:
+        import sys
+
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            _NATIVE_BFLOAT16 = bool({"avx512_bf16", "amx_bf16"} & set(flags))
+        except OSError:
+            cpu = getattr(sys.modules.get("torch"), "cpu", None)
+            check = getattr(cpu, "_is_avx512_bf16_supported", None)
+            _NATIVE_BFLOAT16 = bool(check and check())
+    return _NATIVE_BFLOAT16
+
+
+def _screened_top(fit32, query32, m: int, slack: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The float32 top m of each query among the ``_screen_size(m)`` rows of largest bfloat16 similarity,
+    and whether that is provably the float32 top m.
+
+    Each block's similarities are a bfloat16 product (float32 sums, rounded to bfloat16); the kept rows
+    get float32 similarities of their own. A row the screen dropped has a bfloat16 similarity at most the
+    smallest kept one, so its exact similarity is at most that plus the screen's error bound. Where that
+    is at most the m-th float32 similarity plus the float32 bound, no dropped row can change the answer
+    (the search's bound on rows outside the candidates stays as it is); other queries go to the float32 search.
+    """
+    import torch
+
+    n_fit, n_features = fit32.shape
+    size = _screen_size(m)
+    fit = torch.from_numpy(fit32)
+    fit16 = fit.bfloat16()
+    queries, queries16 = torch.from_numpy(query32), torch.from_numpy(query32).bfloat16()
+    screen_slack = _bfloat16_error(_rounding_norms(fit, fit16).max().item(), _rounding_norms(queries, queries16),
+                                   n_features)
+    block = max(1, SCREEN_BLOCK_BYTES // (2 * n_fit))
+    buffer = torch.empty((min(block, len(query32)), n_fit), dtype=torch.bfloat16)
+    cand = np.empty((len(query32), m), dtype=np.int64)
+    sims = np.empty((len(query32), m), dtype=np.float32)
+    kept = np.empty(len(query32), dtype=bool)
+    for start in range(0, len(query32), block):
+        stop = min(start + block, len(query32))
+        block_sims = buffer[: stop - start]
+        torch.mm(queries16[start:stop], fit16.T, out=block_sims)
+        floor, rows = torch.topk(block_sims, size, dim=1, sorted=False)
+        floor = floor.amin(dim=1).double().numpy()
+        for sub in range(start, stop, _RESCORE_ROWS):
+            end = min(sub + _RESCORE_ROWS, stop)
+            these = rows[sub - start : end - start]
+            kept_rows = torch.index_select(fit, 0, these.reshape(-1)).view(end - sub, size, n_features)
+            exact = (kept_rows * queries[sub:end, None, :]).sum(-1)
+            values, at = torch.topk(exact, m, dim=1, sorted=True)
+            cand[sub:end], sims[sub:end] = torch.gather(these, 1, at).numpy(), values.numpy()
+        kept[start:stop] = floor + screen_slack[start:stop] <= sims[start:stop, -1].astype(np.float64) + slack
+    return cand, sims, kept
+
+
+def _rounding_norms(rows, rows16):
+    """||row - bfloat16(row)|| per row, rounded up: the float32 difference is exact (the two are within a
+    factor of 2), and float32 sums of squares are within 1e-3 of the true norm for any realistic width.
+    A few thousand rows at a time, in cache."""
+    import torch
+
+    step = max(1, _UNIT_CHUNK_BYTES // (4 * max(1, rows.shape[1])))
+    norms = torch.cat([(rows[i : i + step] - rows16[i : i + step].float()).norm(dim=1)
+                       for i in range(0, len(rows), step)])
+    return norms.double().numpy() * 1.001
+
+
+def _bfloat16_error(fit_rounding: float, query_rounding: np.ndarray, n_features: int) -> np.ndarray:
+    """Bound per query on |bfloat16 product - float64 similarity| for float32 unit rows.
+
+    With x~ = x + dx: |x~.y~ - x.y| <= |dx| |y~| + |x| |dy|, the norms measured (``_rounding_norms``),
+    unit rows within 1e-4 of norm 1; products of bfloat16 numbers are exact in float32 and their float32
+    sums add at most (d + 2) * 2**-24 |x~| |y~| in any order; the result is rounded to bfloat16 (2**-9
+    relative); the float32 rows' own rounding is in ``_float32_error``. Doubled for safety.
+    """
+    unit_norm = 1.0 + 1e-4
+    fit_norm, query_norm = unit_norm + fit_rounding, unit_norm + query_rounding
+    product = query_rounding * fit_norm + unit_norm * fit_rounding
+    sums = (n_features + 2) * 2.0**-24 * fit_norm * query_norm
+    result = 2.0**-9 * (query_norm * fit_norm + product + sums)
+    return 2 * (product + sums + result) + _float32_error(n_features, 0.0)
 
 
 def _on_cpu(device) -> bool:
@@ -428,27 +566,61 @@ def _exact_similarities(X: np.ndarray, fit_X: np.ndarray, cand: np.ndarray,
     return out
 
 
-def _sklearn_search(fit_X: np.ndarray) -> NearestNeighbors:
-    """scikit-learn's own float64 search, for the queries the candidates cannot settle."""
-    return NearestNeighbors(metric="cosine", algorithm="brute").fit(fit_X.astype(np.float64))
+def _sklearn_kneighbors(X: np.ndarray, fit_X: np.ndarray, ks: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's float64 answer (distances, indices) at every k in ``ks``, for the queries the
+    candidates cannot settle.
+
+    What ``NearestNeighbors(metric="cosine", algorithm="brute").kneighbors`` computes, with the training
+    rows put at unit norm once per block of queries rather than once per call and per k (5 s of a 13 s
+    search for a single such query among 60,000 x 1,280 rows): each query's whole row of float64
+    distances, rounded as in :func:`_exact_similarities`, then scikit-learn's selection, which
+    decides between equal distances (``argpartition`` at the k-th place, then ``argsort`` of those k).
+    """
+    out = [(np.empty((len(X), k)), np.empty((len(X), k), dtype=np.int64)) for k in ks]
+    block = max(_GEMM_ROWS, _FULL_ROWS_BYTES // (8 * len(fit_X)) // _GEMM_ROWS * _GEMM_ROWS)
+    for start in range(0, len(X), block):
+        stop = min(start + block, len(X))
+        dist = _distances(_all_similarities(X[start:stop], fit_X))
+        for (dist_k, ind_k), k in zip(out, ks):
+            part = np.argpartition(dist, k - 1, axis=1)[:, :k]
+            ind_k[start:stop] = np.take_along_axis(part, np.argsort(np.take_along_axis(dist, part, axis=1)), axis=1)
+            dist_k[start:stop] = np.take_along_axis(dist, ind_k[start:stop], axis=1)
+    return out
+
+
+def _all_similarities(X: np.ndarray, fit_X: np.ndarray) -> np.ndarray:
+    """Float64 similarity of every query to every training row, bit for bit :func:`_exact_similarities`:
+    queries in full groups of four (the last group padded), training rows a few thousand at a time."""
+    from threadpoolctl import threadpool_limits
+
+    n_groups = -(-len(X) // _GEMM_ROWS)
+    group = np.minimum(np.arange(n_groups * _GEMM_ROWS), len(X) - 1)  # short group: repeat the last query
+    query_unit = _unit_rows(X[group]).reshape(n_groups, _GEMM_ROWS, -1)
+    out = np.empty((n_groups, _GEMM_ROWS, len(fit_X)))
+    rows = max(2, _UNIT_CHUNK_BYTES // (8 * max(1, fit_X.shape[1])))
+    with threadpool_limits(limits=1, user_api="blas"):
+        for start in range(0, len(fit_X), rows):
+            stop = min(start + rows, len(fit_X))
+            start = min(start, stop - 2) if len(fit_X) > 1 else start  # never one column: gemv rounds differently
+            out[:, :, start:stop] = np.matmul(query_unit, _unit_rows(fit_X[start:stop]).T)  # a BLAS call per group
+    return out.reshape(-1, len(fit_X))[: len(X)]
 
 
 def _vote_counts(model: CosineKNeighborsClassifier, X: np.ndarray, ks: Sequence[int]):
     """Neighbour counts per class, (n, n_classes) for every k, from one ranking at the largest k;
-    and how many queries scikit-learn answered at each k."""
+    and how many queries needed scikit-learn's rule on their whole distance row at each k."""
     ranking = _rank(model._fit_X, model._fit_unit32, X, ks, model.device, model.block_rows)
     labels = model._y[ranking.ind[:, : max(ks)]]
-    counts, deferred, search = [], [], None
-    for k in ks:
+    undecided = [np.flatnonzero(ranking.undecided(k, whole_order=False)) for k in ks]
+    rows = np.unique(np.concatenate(undecided))
+    answers = _sklearn_kneighbors(X[rows], model._fit_X, ks) if len(rows) else None
+    counts = []
+    for (_, ind), k, these in zip(answers or [(None, None)] * len(ks), ks, undecided):
         chosen = labels[:, :k].copy()
-        rows = np.flatnonzero(ranking.undecided(k, whole_order=False))
-        if len(rows):
-            if search is None:
-                search = _sklearn_search(model._fit_X)
-            chosen[rows] = model._y[search.kneighbors(X[rows].astype(np.float64), k, return_distance=False)]
+        if len(these):
+            chosen[these] = model._y[ind[np.searchsorted(rows, these)]]
         counts.append(_count(chosen, len(model.classes_)))
-        deferred.append(len(rows))
-    return counts, deferred
+    return counts, [len(these) for these in undecided]
 
 
 def _count(labels: np.ndarray, n_classes: int) -> np.ndarray:
