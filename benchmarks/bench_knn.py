@@ -6,7 +6,10 @@ budget, each in a fresh process in the same run. scikit-learn is timed on float3
 the probe passes it today: float32 distances) and on float64 input (the answers the engine
 reproduces). Reported per thread budget and repetition (ratios only mean something within one
 repetition: the machine may be shared): the seconds, the speed ratios, how many predictions
-differ from each, and how many queries the engine handed to scikit-learn at each k.
+differ from each, how many queries needed scikit-learn's rule on their whole row of distances
+(equal distances at the k-th place) at each k, and whether the CPU has bfloat16 dot products (the
+engine screens in bfloat16 there, in a process that has torch loaded). The engine is timed twice:
+with torch loaded (a user's session) and in a torch-free process (a probe worker).
 
 Features: one layer of a featx cache entry (the train rows are searched, the test rows are the
 queries) or, without one, a synthetic clustered set of 60,000 x 448 float32 rows in 10 classes
@@ -96,13 +99,20 @@ def sklearn_grid(path: str, ks, dtype: str, threads: int) -> dict:
     return {"seconds": seconds, "predictions": np.array(predictions), "y_query": y_query}
 
 
-def engine_grid(path: str, ks, threads: int, device: str) -> dict:
-    """featx.probing.knn.grid_predictions, timed: all that score_grid does but the accuracy."""
-    t0 = time.perf_counter()
-    import torch
+def engine_grid(path: str, ks, threads: int, device: str, torch_loaded: bool = True) -> dict:
+    """featx.probing.knn.grid_predictions, timed: all that score_grid does but the accuracy.
 
-    torch_import = time.perf_counter() - t0
-    torch.set_num_threads(threads)
+    ``torch_loaded``: torch imported first (untimed, as in a session that uses it); else the process stays
+    as a probe worker is, torch-free unless the engine imports it (then the import is in the time)."""
+    torch_import = None
+    if torch_loaded:
+        t0 = time.perf_counter()
+        import torch
+
+        torch_import = time.perf_counter() - t0
+        torch.set_num_threads(threads)
+    import sys
+
     from threadpoolctl import threadpool_limits
 
     from featx.probing import knn
@@ -114,7 +124,8 @@ def engine_grid(path: str, ks, threads: int, device: str) -> dict:
         seconds = time.perf_counter() - t0
     scores = [float(np.mean(p == y_query)) for p in predictions]
     return {"seconds": seconds, "predictions": np.array(predictions), "scores": scores, "deferred_queries": deferred,
-            "torch_import_seconds": torch_import}
+            "torch_import_seconds": torch_import, "native_bfloat16": device == "cpu" and knn._native_bfloat16(),
+            "torch_loaded_after": "torch" in sys.modules}
 
 
 def case_knn(run, entry_path: str | None = None, ks=KS, threads: int = 2, device: str = "cpu",
@@ -151,6 +162,8 @@ def _summary(runs: list[dict], ks) -> dict:
             "speedup_vs_float32": [round(r["speedup"], 2) for r in mine],
             "featx_seconds": [round(r["featx_seconds"], 2) for r in mine],
             "identical_to_sklearn_float64": all(r["identical_to_sklearn_float64"] for r in mine),
+            "torch_free_process_speedup_vs_float64": [round(r["torch_free_process"]["speedup_vs_float64"], 2)
+                                                      for r in mine],
             "queries_on_whole_rows_at_largest_k": [r["queries_on_whole_rows"][str(max(ks))] for r in mine],
         }
     return out
@@ -161,6 +174,7 @@ def _compare(run, path: str, ks, threads: int, device: str) -> dict:
     sk32 = run(sklearn_grid, path, ks, "float32", threads)
     sk64 = run(sklearn_grid, path, ks, "float64", threads)
     ours = run(engine_grid, path, ks, threads, device)
+    worker = run(engine_grid, path, ks, threads, device, False)
     y = sk32["y_query"]
 
     def per_k(values):
@@ -176,6 +190,12 @@ def _compare(run, path: str, ks, threads: int, device: str) -> dict:
         "differ_from_sklearn_float64": per_k(int(n) for n in (ours["predictions"] != sk64["predictions"]).sum(1)),
         "differ_from_sklearn_float32": per_k(int(n) for n in (ours["predictions"] != sk32["predictions"]).sum(1)),
         "queries_on_whole_rows": per_k(ours["deferred_queries"]),
+        "cpu_native_bfloat16": ours["native_bfloat16"],
+        # the engine as a probe worker runs it: no torch loaded beforehand (bfloat16 screen only for huge searches)
+        "torch_free_process": {
+            "featx_seconds": worker["seconds"], "imported_torch": worker["torch_loaded_after"],
+            "speedup_vs_float64": sk64["seconds"] / worker["seconds"], "speedup": sk32["seconds"] / worker["seconds"],
+            "identical_to_sklearn_float64": bool(np.array_equal(worker["predictions"], sk64["predictions"]))},
         "accuracy": {"featx": per_k(ours["scores"]),
                      "sklearn_float32": per_k(float(np.mean(p == y)) for p in sk32["predictions"]),
                      "sklearn_float64": per_k(float(np.mean(p == y)) for p in sk64["predictions"])},

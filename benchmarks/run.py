@@ -99,13 +99,18 @@ def startup_suite(quick: bool) -> dict:
 def knn_suite(quick: bool) -> dict:
     from . import bench_knn as b
 
-    entry = os.environ.get("FEATX_BENCH_KNN_ENTRY")  # a featx cache entry (.h5); default: synthetic features
     n_fit, n_query = (12_000, 2_000) if quick else (60_000, 10_000)
-    return {
-        "knn_engine_vs_sklearn": lambda: b.case_knn(isolated, entry, threads=2, n_fit=n_fit, n_query=n_query),
-        "knn_engine_vs_sklearn_1thread": lambda: b.case_knn(isolated, entry, threads=1, n_fit=n_fit,
-                                                            n_query=n_query),
+    cases = {
+        "knn_engine_vs_sklearn": lambda: b.case_knn(isolated, threads=2, n_fit=n_fit, n_query=n_query),
+        "knn_engine_vs_sklearn_1thread": lambda: b.case_knn(isolated, threads=1, n_fit=n_fit, n_query=n_query),
     }
+    # real features too: a featx cache entry (.h5), else the run suite's Fashion-MNIST entry if it was built
+    entry = os.environ.get("FEATX_BENCH_KNN_ENTRY")
+    entries = sorted((Path(__file__).resolve().parents[1] / "cache" / "bench-run").glob("*.h5"))
+    entry = entry or (str(entries[0]) if len(entries) == 1 else None)
+    for layer in ("blocks.4", "pre_logits") if entry and not quick else ():
+        cases[f"knn_{layer}"] = lambda layer=layer: b.case_knn(isolated, entry, threads=2, layer=layer)
+    return cases
 
 
 def _entry_in(cache_dir: Path) -> str:

@@ -67,9 +67,11 @@ _FULL_ROWS_BYTES = 64 * 2**20
 #: as larger ones, and a reused buffer saves page faults)
 SCREEN_BLOCK_BYTES = 128 * 2**20
 #: multiply-adds (queries x training rows x features) from which a bfloat16 screen repays its own set-up (a bfloat16
-#: copy of the training rows, their rounding errors), and from which it repays importing torch too
+#: copy of the training rows, their rounding errors); and from which it repays importing torch into a process
+#: without it (1.5 s and about 500 MB of memory: the main job's probe workers, whose largest search is 7.7e11, stay
+#: torch-free and within its memory budget)
 SCREEN_MIN_WORK = 1e9
-SCREEN_IMPORT_WORK = 1e11
+SCREEN_IMPORT_WORK = 1e12
 #: queries whose kept rows get their float32 similarities at a time (16 x 2m rows gathered: in cache)
 _RESCORE_ROWS = 16
 #: OpenBLAS's double-precision kernel takes query rows four at a time; ranking candidates in full
@@ -327,13 +329,13 @@ def _screen_pays(n_queries: int, fit_shape: tuple[int, int], m: int) -> bool:
     """Whether a bfloat16 screen is worth it: the CPU has bfloat16 dot-product instructions (AVX512-BF16
     or AMX: a bfloat16 product runs 2.5-3.5x numpy's float32 one there, and is slower than it without),
     the screen keeps few of the training rows, and the product is large enough to repay importing
-    torch (1.5 s), unless it is imported already."""
+    torch, unless it is loaded already (the Python API after an extraction, a user's own session)."""
     import sys
 
     n_fit, n_features = fit_shape
     if not _native_bfloat16() or n_fit < 8 * _screen_size(m):
         return False
-    work = n_queries * n_fit * n_features  # multiply-adds: 1e11 take about 1 s in float32 on 2 cores
+    work = n_queries * n_fit * n_features  # multiply-adds: 1e11 take 0.5-1 s in float32 on 2 cores
     return work >= SCREEN_MIN_WORK and ("torch" in sys.modules or work >= SCREEN_IMPORT_WORK)
 
 
