@@ -108,6 +108,19 @@ def test_svm_variant_follows_rows_and_width():
     assert grid_for(HEADS["svm"], 12_000, 5_120) == [{"svm__C": 1.0}, {"svm__C": 10.0}]
 
 
+def test_mlp_steps_follow_the_refit_rows(digits, monkeypatch):
+    """400 rows per Adam step from 20,000 refit rows on (selection builds the same estimator, for the
+    refit's row count); scikit-learn's 200 below."""
+    assert heads._mlp(60_000, 0).batch_size == 400 and heads._mlp(19_999, 0).batch_size == 200
+    assert heads._torch_mlp(60_000, 0, "cpu").batch_size == 400
+    X, y, train, test = digits
+    folds = validation_folds(y[train], None, 0)
+    for large_from, expected in ((500, 400), (20_000, 200)):  # digits' 600 training rows: large, then not
+        monkeypatch.setattr(heads, "MLP_LARGE_BATCH_ROWS", large_from)
+        cell = run_cell(_meta(), HEADS["mlp"], X, y, train, test, folds, 10, 0)
+        assert cell.model.named_steps["clf"].batch_size == expected
+
+
 def test_rbf_kernel_matrix_matches_scikit_learn(digits):
     from sklearn.metrics.pairwise import rbf_kernel
 
