@@ -22,16 +22,11 @@ import numpy as np
 
 def _layer_fold(entry_path: str, layer: str, seed: int = 0, selection_rows: int | None = None):
     """One layer (float32), its labels, the probe's splits and first selection fold (rows of the entry)."""
-    import h5py
+    from featx.probing.protocol import bounded_folds, selection_folds
 
-    from featx.probing.protocol import assign_splits, bounded_folds, selection_folds
+    from .entries import entry_layer
 
-    with h5py.File(entry_path, "r") as f:
-        ok = f["samples/ok"][()].astype(bool)
-        y = f["samples/label"][()][ok]
-        split = f["samples/split"].asstr()[()][ok]
-        X = f["layers"][layer][()][ok].astype(np.float32)
-    splits = assign_splits(y, split, seed)
+    X, y, splits, _ = entry_layer(entry_path, layer, seed)
     folds = bounded_folds(selection_folds(splits, y, None, seed), y[splits.selection_rows], selection_rows, seed)
     fit, val = folds[0]
     return X, y, splits, splits.selection_rows[fit], splits.selection_rows[val]

@@ -48,16 +48,9 @@ def synthetic_features(out_dir: str, n_fit: int = 60_000, n_query: int = 10_000,
 
 def entry_features(out_dir: str, entry_path: str, layer: str | None = None, seed: int = 0) -> str:
     """One layer of a cache entry, train rows against test rows (the last layer unless named)."""
-    import h5py
+    from .entries import entry_layer
 
-    from featx.probing.protocol import assign_splits
-
-    with h5py.File(entry_path, "r") as f:
-        ok = f["samples/ok"][()].astype(bool)
-        y = f["samples/label"][()][ok]
-        splits = assign_splits(y, f["samples/split"].asstr()[()][ok], seed)
-        layer = layer or json.loads(f["layers"].attrs["order"])[-1]
-        X = f["layers"][layer][()][ok].astype(np.float32)
+    X, y, splits, layer = entry_layer(entry_path, layer, seed)
     return _save(out_dir, X[splits.train], y[splits.train], X[splits.test], y[splits.test], layer=layer)
 
 
