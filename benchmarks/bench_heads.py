@@ -146,6 +146,31 @@ def case_logreg_warm_refit(run, entry_path: str, layers: list[str] | None = None
             "cells": cells}
 
 
+def mlp_cells_side(entry_path: str, layers: list[str], large_batch: int) -> dict:
+    """Whole MLP cells (bounded selection, refit, test) with ``large_batch`` rows per Adam step on
+    large sets, one job, as the probe runs them."""
+    from featx.probing import heads
+    from featx.probing.runner import probe
+
+    heads.MLP_LARGE_BATCH = large_batch
+    t0 = time.perf_counter()
+    result = probe(entry_path, heads="mlp", layers=layers, jobs=1, backend="threading", plots=False, progress=False)
+    seconds = time.perf_counter() - t0
+    return {"seconds": round(seconds, 1), "cells": {r["layer"]: {"fit_seconds": r["fit_seconds"], "params": r["params"],
+                                                                 "test_top1": r["test_top1"]} for r in result.rows}}
+
+
+def case_mlp_batch(run, entry_path: str, layers=("blocks.4", "pre_logits"), rounds: int = 2) -> dict:
+    """scikit-learn's 200 rows per Adam step against featx's 400 on the main job's entry, alternating."""
+    sides = [(batch, run(mlp_cells_side, entry_path, list(layers), batch))
+             for _ in range(rounds) for batch in (200, 400)]
+    return {"entry": entry_path, "layers": list(layers),
+            "seconds": {str(b): [r["seconds"] for bb, r in sides if bb == b] for b in (200, 400)},
+            "speedups": [round(sides[i][1]["seconds"] / sides[i + 1][1]["seconds"], 2)
+                         for i in range(0, len(sides), 2)],
+            "runs": [{"batch": b, **r} for b, r in sides]}
+
+
 def main(argv=None) -> None:
     from .run import isolated
 

@@ -7,6 +7,7 @@ timings taken in the same run (machines are noisy; absolute seconds are kept for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -106,8 +107,9 @@ def knn_suite(quick: bool) -> dict:
     }
     # real features too: a featx cache entry (.h5), else the run suite's Fashion-MNIST entry if it was built
     entry = os.environ.get("FEATX_BENCH_KNN_ENTRY")
-    entries = sorted((Path(__file__).resolve().parents[1] / "cache" / "bench-run").glob("*.h5"))
-    entry = entry or (str(entries[0]) if len(entries) == 1 else None)
+    if entry is None:
+        with contextlib.suppress(RuntimeError):
+            entry = _entry_in(Path(__file__).resolve().parents[1] / "cache" / "bench-run")
     for layer in ("blocks.4", "pre_logits") if entry and not quick else ():
         cases[f"knn_{layer}"] = lambda layer=layer: b.case_knn(isolated, entry, threads=2, layer=layer)
     return cases
@@ -144,6 +146,7 @@ def run_suite(quick: bool) -> dict:
         "run_vs_floor": lambda: b.case_run_vs_floor(isolated, str(cache), 10_000 if quick else None),
         "selection_rows": selection,
         "logreg_warm_refit": lambda: bench_heads.case_logreg_warm_refit(isolated, _entry_in(cache)),
+        "mlp_batch": lambda: bench_heads.case_mlp_batch(isolated, _entry_in(cache)),
     }
 
 

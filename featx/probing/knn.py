@@ -39,6 +39,7 @@ torch is imported inside functions only: ``import featx.probing`` stays torch-fr
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -330,8 +331,6 @@ def _screen_pays(n_queries: int, fit_shape: tuple[int, int], m: int) -> bool:
     or AMX: a bfloat16 product runs 2.5-3.5x numpy's float32 one there, and is slower than it without),
     the screen keeps few of the training rows, and the product is large enough to repay importing
     torch, unless it is loaded already (the Python API after an extraction, a user's own session)."""
-    import sys
-
     n_fit, n_features = fit_shape
     if not _native_bfloat16() or n_fit < 8 * _screen_size(m):
         return False
@@ -353,8 +352,6 @@ def _native_bfloat16() -> bool:
     """CPU flags from Linux's /proc/cpuinfo (no torch import to ask), else torch's view if it is loaded."""
     global _NATIVE_BFLOAT16
     if _NATIVE_BFLOAT16 is None:
-        import sys
-
         try:
             with open("/proc/cpuinfo") as f:
                 flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
