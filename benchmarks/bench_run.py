@@ -64,7 +64,16 @@ def _tree_memory(root: int) -> tuple[int, int, list[dict]]:
             processes)
 
 
-def featx_run(limit: int | None, cache_dir: str, extra: list[str] = ()) -> dict:
+def _environment(changes: dict[str, str | None] | None) -> dict[str, str]:
+    """This process's environment with ``changes`` applied (None removes a variable)."""
+    env = dict(os.environ)
+    for name, value in (changes or {}).items():
+        env.pop(name, None) if value is None else env.__setitem__(name, value)
+    return env
+
+
+def featx_run(limit: int | None, cache_dir: str, extra: list[str] = (),
+              env_changes: dict[str, str | None] | None = None) -> dict:
     """``featx run`` into an emptied ``cache_dir``: wall seconds, peak tree RSS and its results.
 
     The cache is kept afterwards, so that later cases probe the very entry this run built.
@@ -79,7 +88,7 @@ def featx_run(limit: int | None, cache_dir: str, extra: list[str] = ()) -> dict:
     try:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=_environment(env_changes))
         done = threading.Event()
 
         def sample():
@@ -110,22 +119,65 @@ def featx_run(limit: int | None, cache_dir: str, extra: list[str] = ()) -> dict:
             "cells": {f"{r['layer']}/{r['head']}": {"params": r["params"], "test_top1": r["test_top1"],
                                                      "val_top1": r["val_top1"]} for r in results["rows"]},
             "cell_seconds": {f"{r['layer']}/{r['head']}": r["fit_seconds"] for r in results["rows"]},
-            "protocol": {k: results["protocol"].get(k) for k in ("device", "engines", "selection_rows", "jobs")},
+            "protocol": {k: results["protocol"].get(k)
+                         for k in ("device", "engines", "selection_rows", "jobs", "blas")},
             "output_tail": output[-1500:],
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def case_run_vs_floor(run, cache_dir: str, limit: int | None = None) -> dict:
+def featx_probe(entry_path: str, env_changes: dict[str, str | None]) -> dict:
+    """``featx probe`` of an entry with the main job's heads, in a process whose environment has
+    ``env_changes`` applied (None removes a variable): wall seconds and what results.json reports."""
+    from featx.cli import RUN_HEADS
+
+    work = Path(tempfile.mkdtemp(prefix="featx-probe-bench-"))
+    try:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "featx", "probe", entry_path, "--heads", RUN_HEADS,
+                        "--out", str(work / "out"), "--no-progress"], check=True, env=_environment(env_changes),
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seconds = time.perf_counter() - t0
+        results = json.loads((work / "out" / "results.json").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    best = results["best"]
+    return {"seconds": round(seconds, 1), "probe_seconds": round(results["seconds"], 1),
+            "blas": results["protocol"]["blas"],
+            "best": {k: best[k] for k in ("layer", "head", "params", "test_top1")},
+            "table": {f"{r['layer']}/{r['head']}": r["test_top1"] for r in results["rows"]}}
+
+
+def case_blas_kernels(entry_path: str, rounds: int = 1) -> dict:
+    """The main job's probe with the BLAS kernels this environment selects against the other choice,
+    alternating: without OPENBLAS_CORETYPE when the environment pins one, else pinned to AVX2 Haswell."""
+    pinned = os.environ.get("OPENBLAS_CORETYPE")
+    other = {"OPENBLAS_CORETYPE": None} if pinned else {"OPENBLAS_CORETYPE": "Haswell"}
+    sides = {"environment": {}, "without the pin" if pinned else "pinned to Haswell": other}
+    runs = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, changes in sides.items():
+            runs[name].append(featx_probe(entry_path, changes))
+    first, second = runs.values()
+    tables = [r["table"] for r in first + second]
+    return {"entry": entry_path, "environment_openblas_coretype": pinned, "runs": runs,
+            "seconds_environment_over_other": [round(a["seconds"] / b["seconds"], 2) for a, b in zip(first, second)],
+            "same_best_cell": len({(r["best"]["layer"], r["best"]["head"]) for r in first + second}) == 1,
+            "max_abs_cell_difference": round(max(abs(t[c] - tables[0][c]) for t in tables for c in t), 4)}
+
+
+def case_run_vs_floor(run, cache_dir: str, limit: int | None = None,
+                      env_changes: dict[str, str | None] | None = None) -> dict:
     """The floor is measured before and after the run, and the ratio taken against their mean:
     this machine's speed drifts by 10-20% over the minutes a run takes, and a floor on one
-    side only would credit or charge the run with that drift."""
+    side only would credit or charge the run with that drift. ``env_changes`` apply to the run
+    only (the floor is torch's, which no BLAS variable changes)."""
     from .bench_floor import floor
 
     n = limit or N_FASHION
     before = run(floor, n, IMAGE_SIZE)
-    ours = run(featx_run, limit, cache_dir)
+    ours = run(featx_run, limit, cache_dir, (), env_changes)
     after = run(floor, n, IMAGE_SIZE)
     floors = [before["seconds"], after["seconds"]]
     base = sum(floors) / 2
@@ -139,6 +191,7 @@ def case_run_vs_floor(run, cache_dir: str, limit: int | None = None) -> dict:
         "target": "<= 3 (and peak RSS <= 3 GB)",
         "peak_rss_gb": round(ours["peak_rss_bytes"] / 2**30, 2),
         "peak_pss_gb": round(ours["peak_pss_bytes"] / 2**30, 2), "run": ours,
+        "run_environment_changes": env_changes or {},
     }
 
 

@@ -52,10 +52,14 @@ def isolated(fn, *args, env: dict | None = None, **kwargs):
 
 
 def machine() -> dict:
+    """What the figures were measured on: the numpy heads' BLAS kernels included (a pinned
+    OPENBLAS_CORETYPE changes the probe's speed, not the forward pass's)."""
     import torch
 
+    from featx._blas import blas_in_use
+
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+            "platform": platform.platform(), "cuda": torch.cuda.is_available(), "blas": blas_in_use()}
 
 
 def extract_suite(quick: bool) -> dict:
@@ -144,9 +148,13 @@ def run_suite(quick: bool) -> dict:
 
     return {
         "run_vs_floor": lambda: b.case_run_vs_floor(isolated, str(cache), 10_000 if quick else None),
+        # the same where OpenBLAS picks its own kernels (the run above keeps a pinned OPENBLAS_CORETYPE)
+        "run_vs_floor_openblas_own_kernels": lambda: b.case_run_vs_floor(
+            isolated, str(cache), 10_000 if quick else None, {"OPENBLAS_CORETYPE": None}),
         "selection_rows": selection,
         "logreg_warm_refit": lambda: bench_heads.case_logreg_warm_refit(isolated, _entry_in(cache)),
         "mlp_batch": lambda: bench_heads.case_mlp_batch(isolated, _entry_in(cache)),
+        "blas_kernels": lambda: b.case_blas_kernels(_entry_in(cache)),
     }
 
 

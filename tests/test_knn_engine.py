@@ -241,7 +241,7 @@ def force_bfloat16_screen(monkeypatch):
         kept.append(out[2].copy())
         return out
 
-    monkeypatch.setattr(knn, "_NATIVE_BFLOAT16", True)
+    monkeypatch.setattr(knn, "_native_bfloat16", lambda: True)
     monkeypatch.setattr(knn, "SCREEN_MIN_WORK", 0)
     monkeypatch.setattr(knn, "_screened_top", recorded)
     return kept
@@ -282,9 +282,9 @@ def test_bfloat16_error_bound_holds(n_features):
 
 
 def test_bfloat16_screen_only_where_it_pays(monkeypatch):
-    monkeypatch.setattr(knn, "_NATIVE_BFLOAT16", False)
+    monkeypatch.setattr(knn, "_native_bfloat16", lambda: False)
     assert not knn._screen_pays(10_000, (60_000, 448), 70)
-    monkeypatch.setattr(knn, "_NATIVE_BFLOAT16", True)
+    monkeypatch.setattr(knn, "_native_bfloat16", lambda: True)
     assert knn._screen_pays(10_000, (60_000, 448), 70)
     assert not knn._screen_pays(10_000, (1_000, 448), 70)  # the screen would keep most rows
     assert not knn._screen_pays(10, (60_000, 448), 70)  # too little work to repay the screen's set-up

@@ -137,6 +137,7 @@ def test_results_record_device_engines_and_selection_rows(entry, tmp_path):
     protocol = json.loads((tmp_path / "out" / "results.json").read_text())["protocol"]
     assert protocol["device"] == "cpu"
     assert protocol["engines"] == {"logreg": "scikit-learn", "knn": "featx"}
+    assert protocol["blas"]["libraries"] and "note" in protocol["blas"]  # the kernels the heads computed with
     rows = protocol["selection_rows"]
     assert rows["limit"] == 16 and rows["fit"] == [16] and rows["val"] == [8]
     assert rows["fit_available"][0] > 16

@@ -51,6 +51,7 @@ from sklearn.preprocessing import normalize
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
+from .._blas import cpu_flags
 from .engines import resolve_torch_device
 
 #: float32 similarities held per block of query rows when ``block_rows`` is None: OpenBLAS reads all training
@@ -345,22 +346,14 @@ def _screen_size(m: int) -> int:
     return 2 * m
 
 
-_NATIVE_BFLOAT16: bool | None = None
-
-
 def _native_bfloat16() -> bool:
     """CPU flags from Linux's /proc/cpuinfo (no torch import to ask), else torch's view if it is loaded."""
-    global _NATIVE_BFLOAT16
-    if _NATIVE_BFLOAT16 is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-            _NATIVE_BFLOAT16 = bool({"avx512_bf16", "amx_bf16"} & set(flags))
-        except OSError:
-            cpu = getattr(sys.modules.get("torch"), "cpu", None)
-            check = getattr(cpu, "_is_avx512_bf16_supported", None)
-            _NATIVE_BFLOAT16 = bool(check and check())
-    return _NATIVE_BFLOAT16
+    flags = cpu_flags()
+    if flags:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    cpu = getattr(sys.modules.get("torch"), "cpu", None)
+    check = getattr(cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check())
 
 
 def _screened_top(fit32, query32, m: int, slack: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from .._blas import blas_in_use
 from .._progress import progress_bar
 from .._resultdir import PROBE, check_target
 from .._runtime import available_cores
@@ -190,6 +191,9 @@ def probe(
     n_classes = len(entry.classes)
     jobs = available_cores() if jobs in (None, -1) else jobs
     budget = _memory_budget() if memory_budget is None else int(memory_budget)
+    blas = blas_in_use()  # workers inherit the environment, so they load the same kernels
+    if blas["note"]:
+        log.warning(blas["note"])
 
     cells: list[CellResult] = []
     order = {h.name: i for i, h in enumerate(head_list)}
@@ -213,7 +217,7 @@ def probe(
         "bootstrap": "95% percentile interval, 1000 resamples",
         "selection_rows": _selection_rows(all_folds, folds, selection_rows),
         "device": device, "engines": {h.name: h.engine(device).name for h in head_list},
-        "heads": {h.name: h.description for h in head_list}, "jobs": jobs, "backend": backend,
+        "heads": {h.name: h.description for h in head_list}, "jobs": jobs, "backend": backend, "blas": blas,
         "ranking": "validation accuracy (the test split never influences selection)",
     }
     from ..report.advice import recommend

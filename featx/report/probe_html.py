@@ -116,6 +116,10 @@ def protocol_table(results) -> Table:
         ["bootstrap", p.get("bootstrap", "")],
         ["parallelism", f"jobs {p.get('jobs')}, joblib backend {p.get('backend')}"],
     ]
+    blas = p.get("blas")
+    if blas:
+        rows.append(["BLAS", "; ".join([", ".join(blas.get("libraries") or []) or "none loaded",
+                                        *([blas["note"]] if blas.get("note") else [])])])
     return Table(["setting", "value"], [[name, str(value)] for name, value in rows], anchor="protocol", header=False)
 
 
