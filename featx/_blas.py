@@ -3,9 +3,9 @@
 The probe's logistic regression, MLP and k-NN spend most of their time in numpy's float32 matrix
 products. OpenBLAS (numpy's and SciPy's wheels) picks its kernels when it is loaded, from the CPU or
 from ``OPENBLAS_CORETYPE``. A pin to an AVX2 kernel set on a CPU with AVX-512 halves the speed of
-those products (on an AMD EPYC with AVX-512, one thread, ``OPENBLAS_CORETYPE=Haswell`` against
+the larger of those products (on an AMD EPYC with AVX-512, one thread, ``OPENBLAS_CORETYPE=Haswell`` against
 OpenBLAS's own SkylakeX choice: a 1,280 -> 512 MLP layer over 60,000 rows 886 ms against 487 ms, a
-2,000 x 60,000 x 1,280 k-NN product 2.9 s against 1.5 s; the main job's probe 1.24x slower,
+2,000 x 60,000 x 1,280 k-NN product 2.9 s against 1.5 s; the main job's probe 1.25x slower,
 ``benchmarks/``). featx keeps a user's pin, and the kernels are part of what makes two runs' numbers
 comparable, so both go into results.json, with a note when the kernels leave AVX-512 unused.
 """
@@ -64,4 +64,4 @@ def unused_avx512_note(openblas_cores, flags: frozenset[str], pinned: str | None
              else f"OpenBLAS chose them (it may not know this CPU; {CORETYPE_ENV}={core} selects AVX-512 kernels)")
     fix = f"; unset {CORETYPE_ENV} (or set it to {core}) for AVX-512 kernels" if pinned else ""
     return (f"OpenBLAS computes with its {', '.join(slow)} (AVX2) kernels on a CPU with AVX-512: {cause}. "
-            f"The heads' float32 matrix products run about half as fast as they could{fix}.")
+            f"The MLP's and k-NN's float32 matrix products run about half as fast as they could{fix}.")

@@ -167,8 +167,8 @@ def selection_folds(splits: Splits, y: np.ndarray, cv: int | None, seed: int) ->
 
 #: hyper-parameters are chosen on at most this many fitting rows (and half as many validation
 #: rows) per fold, a stratified sample; the chosen model is then refit on every training row.
-#: On Fashion-MNIST (48,000 fitting rows) this picks the same cells within 0.3 points of test
-#: accuracy as selecting on all rows (README), at a fifth of the selection cost.
+#: On Fashion-MNIST (48,000 fitting rows) this picks the same best cell as selecting on all rows, its test
+#: accuracy within 0.04 points, in half the probe's time (README).
 SELECTION_ROWS = 10_000
 
 
