@@ -147,6 +147,20 @@ def test_results_record_device_engines_and_selection_rows(entry, tmp_path):
     assert full.protocol["selection_rows"]["fit"] == full.protocol["selection_rows"]["fit_available"]
 
 
+def test_a_blas_note_is_recorded_every_time_and_shown_once(entry, monkeypatch, caplog):
+    from featx.probing import runner
+
+    note = "OpenBLAS computes with its Haswell (AVX2) kernels on a CPU with AVX-512: a test's note."
+    monkeypatch.setattr(runner, "blas_in_use", lambda: {"libraries": ["openblas test"], "openblas_coretype": None,
+                                                        "note": note})
+    monkeypatch.setattr(runner, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="featx"):
+        first = featx.probe(entry, heads="logreg", out_dir=False, progress=False, jobs=1)
+        second = featx.probe(entry, heads="logreg", out_dir=False, progress=False, jobs=1)
+    assert first.protocol["blas"]["note"] == second.protocol["blas"]["note"] == note
+    assert [r.getMessage() for r in caplog.records].count(note) == 1
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, "many"])
 def test_bad_selection_rows_are_refused(entry, bad):
     with pytest.raises(UsageError, match="--selection-rows must be a non-negative integer"):

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 RESULTS_VERSION = 2
 
 BACKENDS = ("loky", "threading", "dask")
+_WARNED: set[str] = set()  # notes about this process's settings already shown
 
 
 @dataclass
@@ -192,7 +193,8 @@ def probe(
     jobs = available_cores() if jobs in (None, -1) else jobs
     budget = _memory_budget() if memory_budget is None else int(memory_budget)
     blas = blas_in_use()  # workers inherit the environment, so they load the same kernels
-    if blas["note"]:
+    if blas["note"] and blas["note"] not in _WARNED:  # once per process (featx compare probes each backbone)
+        _WARNED.add(blas["note"])
         log.warning(blas["note"])
 
     cells: list[CellResult] = []
