@@ -37,7 +37,7 @@ def cpu_flags() -> frozenset[str]:
 
 def blas_in_use() -> dict:
     """The loaded BLAS libraries and kernel sets, the ``OPENBLAS_CORETYPE`` in force, and a note when
-    OpenBLAS computes with AVX2 kernels on a CPU that has AVX-512."""
+    OpenBLAS's kernels leave the CPU's AVX-512 unused."""
     import os
 
     import numpy  # noqa: F401  (its BLAS is the one reported: loaded before asking)
@@ -63,5 +63,5 @@ def unused_avx512_note(openblas_cores, flags: frozenset[str], pinned: str | None
     cause = (f"{CORETYPE_ENV}={pinned} pins them" if pinned
              else f"OpenBLAS chose them (it may not know this CPU; {CORETYPE_ENV}={core} selects AVX-512 kernels)")
     fix = f"; unset {CORETYPE_ENV} (or set it to {core}) for AVX-512 kernels" if pinned else ""
-    return (f"OpenBLAS computes with its {', '.join(slow)} (AVX2) kernels on a CPU with AVX-512: {cause}. "
-            f"The MLP's and k-NN's float32 matrix products run about half as fast as they could{fix}.")
+    return (f"OpenBLAS computes with its {', '.join(slow)} kernels, which do not use AVX-512, on a CPU that has "
+            f"it: {cause}. The MLP's and k-NN's float32 matrix products run about half as fast as they could{fix}.")
