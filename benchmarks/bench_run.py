@@ -127,16 +127,18 @@ def featx_run(limit: int | None, cache_dir: str, extra: list[str] = (),
         shutil.rmtree(work, ignore_errors=True)
 
 
-def featx_probe(entry_path: str, env_changes: dict[str, str | None]) -> dict:
-    """``featx probe`` of an entry with the main job's heads, in a process whose environment has
-    ``env_changes`` applied (None removes a variable): wall seconds and what results.json reports."""
+def featx_probe(entry_path: str, env_changes: dict[str, str | None], extra: list[str] = ()) -> dict:
+    """``featx probe`` of an entry with the main job's heads (and ``extra`` options), in a process whose
+    environment has ``env_changes`` applied (None removes a variable): wall seconds and what results.json
+    reports."""
     from featx.cli import RUN_HEADS
 
     work = Path(tempfile.mkdtemp(prefix="featx-probe-bench-"))
     try:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "featx", "probe", entry_path, "--heads", RUN_HEADS,
-                        "--out", str(work / "out"), "--no-progress"], check=True, env=_environment(env_changes),
+                        "--out", str(work / "out"), "--no-progress", *extra], check=True,
+                       env=_environment(env_changes),
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         seconds = time.perf_counter() - t0
         results = json.loads((work / "out" / "results.json").read_text())
@@ -145,8 +147,34 @@ def featx_probe(entry_path: str, env_changes: dict[str, str | None]) -> dict:
     best = results["best"]
     return {"seconds": round(seconds, 1), "probe_seconds": round(results["seconds"], 1),
             "blas": results["protocol"]["blas"],
+            **{k: results["protocol"].get(k) for k in ("backend", "precision", "engines")},
             "best": {k: best[k] for k in ("layer", "head", "params", "test_top1")},
-            "table": {f"{r['layer']}/{r['head']}": r["test_top1"] for r in results["rows"]}}
+            "table": {f"{r['layer']}/{r['head']}": r["test_top1"] for r in results["rows"]},
+            "cell_seconds": {f"{r['layer']}/{r['head']}": r["fit_seconds"] for r in results["rows"]}}
+
+
+def _head_seconds(run: dict, head: str) -> float:
+    return round(sum(v for cell, v in run["cell_seconds"].items() if cell.endswith(f"/{head}")), 1)
+
+
+def case_head_precision(entry_path: str) -> dict:
+    """The main job's probe as it runs by default (threads; the MLP in bfloat16 where the CPU multiplies it
+    natively) against full precision, in threads and in loky processes (the previous default), each in a
+    fresh process: seconds, and what changes in the table (only the MLP's cells may)."""
+    sides = {"auto": ["--head-precision", "auto"], "float32": ["--head-precision", "float32"],
+             "float32, loky processes": ["--head-precision", "float32", "--backend", "loky"]}
+    runs = {name: featx_probe(entry_path, {}, extra) for name, extra in sides.items()}
+    auto, full = runs["auto"], runs["float32"]
+    mlp = {c: round(auto["table"][c] - full["table"][c], 4) for c in auto["table"] if c.endswith("/mlp")}
+    others = [abs(auto["table"][c] - full["table"][c]) for c in auto["table"] if not c.endswith("/mlp")]
+    return {"entry": entry_path, "runs": runs,
+            "seconds": {name: r["probe_seconds"] for name, r in runs.items()},
+            "seconds_over_auto": {name: round(r["probe_seconds"] / auto["probe_seconds"], 2)
+                                  for name, r in runs.items()},
+            "mlp_seconds": {name: _head_seconds(r, "mlp") for name, r in runs.items()},
+            "mlp_test_top1_auto_minus_float32": mlp,
+            "max_abs_difference_other_heads": round(max(others, default=0.0), 4),
+            "same_best_cell": len({(r["best"]["layer"], r["best"]["head"]) for r in runs.values()}) == 1}
 
 
 def case_blas_kernels(entry_path: str, rounds: int = 1) -> dict:

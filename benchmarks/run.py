@@ -155,6 +155,7 @@ def run_suite(quick: bool) -> dict:
         "logreg_warm_refit": lambda: bench_heads.case_logreg_warm_refit(isolated, _entry_in(cache)),
         "mlp_batch": lambda: bench_heads.case_mlp_batch(isolated, _entry_in(cache)),
         "blas_kernels": lambda: b.case_blas_kernels(_entry_in(cache)),
+        "head_precision": lambda: b.case_head_precision(_entry_in(cache)),
     }
 
 

@@ -35,6 +35,19 @@ def cpu_flags() -> frozenset[str]:
     return _FLAGS
 
 
+def native_bfloat16() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): from /proc/cpuinfo, else
+    torch's view if it is loaded (no import just to ask)."""
+    import sys
+
+    flags = cpu_flags()
+    if flags:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    cpu = getattr(sys.modules.get("torch"), "cpu", None)
+    check = getattr(cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check())
+
+
 def blas_in_use() -> dict:
     """The loaded BLAS libraries and kernel sets, the ``OPENBLAS_CORETYPE`` in force, and a note when
     OpenBLAS's kernels leave the CPU's AVX-512 unused."""
@@ -64,4 +77,5 @@ def unused_avx512_note(openblas_cores, flags: frozenset[str], pinned: str | None
              else f"OpenBLAS chose them (it may not know this CPU; {CORETYPE_ENV}={core} selects AVX-512 kernels)")
     fix = f"; unset {CORETYPE_ENV} (or set it to {core}) for AVX-512 kernels" if pinned else ""
     return (f"OpenBLAS computes with its {', '.join(slow)} kernels, which do not use AVX-512, on a CPU that has "
-            f"it: {cause}. The MLP's and k-NN's float32 matrix products run about half as fast as they could{fix}.")
+            f"it: {cause}. Their float32 matrix products (k-NN's; the MLP's with --head-precision float32) run "
+            f"about half as fast as they could{fix}.")

@@ -60,7 +60,11 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document on
 Heads = Annotated[str, typer.Option(help="Comma-separated heads: logreg, linsvm, svm, mlp, knn.")]
 CV = Annotated[Optional[int], typer.Option(help="Choose hyper-parameters by K-fold CV (default: a 20% hold-out).")]
 Jobs = Annotated[Optional[int], typer.Option(help="Parallel (layer, head) fits; default: the number of cores.")]
-Backend = Annotated[str, typer.Option(help="joblib backend: loky (processes), threading, or dask.")]
+Backend = Annotated[str, typer.Option(help="joblib backend: auto (threads for the built-in heads, processes for "
+                                      "custom ones), loky (processes), threading, or dask.")]
+HeadPrecision = Annotated[str, typer.Option(help="auto: the MLP head trains with bfloat16 products on CPUs that "
+                                            "multiply bfloat16 natively (AVX512-BF16, AMX); float32: scikit-learn's "
+                                            "MLP. The other heads always compute in full precision.")]
 Scheduler = Annotated[Optional[str], typer.Option(help="Dask scheduler address for --backend dask "
                                                   "(default: a local cluster).")]
 OutDir = Annotated[Optional[Path], typer.Option("--out", help="Results folder (default featx-results/<entry>).")]
@@ -143,9 +147,10 @@ PROBE_OPTIONS = OptionGroup("Probe", (
     SharedOption("heads", Heads, ALL_HEADS),
     SharedOption("cv", CV, None),
     SharedOption("jobs", Jobs, None),
-    SharedOption("backend", Backend, "loky"),
+    SharedOption("backend", Backend, "auto"),
     SharedOption("scheduler", Scheduler, None),
     SharedOption("selection_rows", SelectionRows, SELECTION_ROWS),
+    SharedOption("head_precision", HeadPrecision, "auto"),
     SharedOption("out_dir", OutDir, None),
     SharedOption("plots", Plots, True),
 ))

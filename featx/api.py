@@ -134,9 +134,9 @@ def _extract_entry_path(dataset, model, **options) -> str:
 
 
 def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=None, probe_layers=None,
-        cv: int | None = None, jobs: int | None = None, backend: str = "loky", scheduler: str | None = None,
+        cv: int | None = None, jobs: int | None = None, backend: str = "auto", scheduler: str | None = None,
         out_dir=None, seed: int = 0, progress: bool = True, selection_rows: int | None = SELECTION_ROWS,
-        plots: bool = True, **extract_options) -> ProbeResults:
+        plots: bool = True, head_precision: str = "auto", **extract_options) -> ProbeResults:
     """The main job: extract (through the cache) then probe every extracted layer and report.
 
     Returns the :class:`~featx.probing.ProbeResults` of the probe.
@@ -156,4 +156,4 @@ def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=Non
     return probe(entry, heads=heads, layers=probe_layers, cv=cv, seed=seed, jobs=jobs, backend=backend,
                  scheduler=scheduler, out_dir=out_dir, cache_dir=extract_options.get("cache_dir"),
                  progress=progress, device=extract_options.get("device", "auto"), selection_rows=selection_rows,
-                 plots=plots)
+                 plots=plots, head_precision=head_precision)

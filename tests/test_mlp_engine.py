@@ -297,3 +297,59 @@ def test_threads_follow_the_callers_budget_and_are_restored(blobs):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ mixed precision
+
+
+def test_bfloat16_training_reaches_float32_accuracy(digits):
+    """bfloat16 products, float32 weights and sums: over three seeds within a point of float32 training
+    and of scikit-learn, and the fitted head is the same float32 numpy estimator."""
+    X_train, X_test, y_train, y_test = digits
+    X_train, X_test = X_train.astype(np.float32), X_test.astype(np.float32)
+    params = {**HEAD, "hidden_layer_sizes": (128,)}
+    mixed = [TorchMLPClassifier(**params, random_state=s, precision="bfloat16").fit(X_train, y_train)
+             for s in range(3)]
+    full = [TorchMLPClassifier(**params, random_state=s).fit(X_train, y_train).score(X_test, y_test)
+            for s in range(3)]
+    theirs = [MLPClassifier(**params, random_state=s).fit(X_train, y_train).score(X_test, y_test) for s in range(3)]
+    scores = [m.score(X_test, y_test) for m in mixed]
+    assert np.mean(scores) > 0.93
+    assert abs(np.mean(scores) - np.mean(full)) <= 0.01 and abs(np.mean(scores) - np.mean(theirs)) <= 0.01
+    assert all(a.dtype == np.float32 for a in _weights(mixed[0])) and b"torch" not in pickle.dumps(mixed[0])
+    assert np.array_equal(mixed[0].to_sklearn().predict(X_test), mixed[0].predict(X_test))
+
+
+def test_bad_precision_is_refused(blobs):
+    X, y = blobs
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16, got 'half'"):
+        TorchMLPClassifier(precision="half").fit(X, y)
+
+
+def test_overlapping_blocks_in_threads_share_one_thread_setting():
+    """torch's thread count is one per process: in the probe's threading backend two cells hold a
+    budget at once, and the first to finish must not give the other the whole pool back."""
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    first_in, first_out = threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with torch_threads(1):
+            first_in.set()
+            first_out.wait(5)
+
+    try:
+        worker = threading.Thread(target=first)
+        worker.start()
+        first_in.wait(5)
+        with torch_threads(1):
+            first_out.set()
+            worker.join(5)
+            seen["after_first_left"] = torch.get_num_threads()
+        seen["after_both"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"after_first_left": 1, "after_both": 2}

@@ -87,6 +87,17 @@ def test_cpu_keeps_numpy_engines_where_they_are_as_fast():
     assert HEADS["mlp"].engine("cuda:1").name == "torch"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_mlp_only_where_the_cpu_multiplies_bfloat16_and_precision_allows(monkeypatch, native):
+    from featx import _blas
+
+    monkeypatch.setattr(_blas, "native_bfloat16", lambda: native)
+    assert HEADS["mlp"].engine("cpu", "auto").name == ("torch-bfloat16" if native else "scikit-learn")
+    assert HEADS["mlp"].engine("cpu", "float32").name == "scikit-learn"
+    assert HEADS["logreg"].engine("cpu", "auto").name == "scikit-learn"  # full precision whatever is asked
+    assert HEADS["mlp"].engine("cuda", "auto").name == "torch"
+
+
 def test_devices_are_checked():
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,6 +156,31 @@ def test_results_record_device_engines_and_selection_rows(entry, tmp_path):
     assert all(r["n_train"] == 60 for r in res.rows)  # the refit uses every training row
     full = featx.probe(entry, heads="logreg", out_dir=False, progress=False, jobs=1, selection_rows=0)
     assert full.protocol["selection_rows"]["fit"] == full.protocol["selection_rows"]["fit_available"]
+    assert protocol["backend"] == "threading" and protocol["precision"] == "auto"  # built-in heads: threads
+
+
+def test_head_precision_float32_keeps_scikit_learns_mlp(entry, monkeypatch):
+    from featx import _blas
+
+    monkeypatch.setattr(_blas, "native_bfloat16", lambda: True)
+    mixed = featx.probe(entry, heads="mlp", out_dir=False, progress=False, jobs=1)
+    full = featx.probe(entry, heads="mlp", out_dir=False, progress=False, jobs=1, head_precision="float32")
+    assert mixed.protocol["engines"] == {"mlp": "torch-bfloat16"} and mixed.rows[0]["engine"] == "torch-bfloat16"
+    assert full.protocol["engines"] == {"mlp": "scikit-learn"} and full.protocol["precision"] == "float32"
+    with pytest.raises(UsageError, match="Unknown head precision 'bf16'. Valid: auto, float32"):
+        featx.probe(entry, heads="mlp", out_dir=False, progress=False, head_precision="bf16")
+
+
+def test_custom_heads_run_in_processes_unless_asked():
+    from sklearn.linear_model import RidgeClassifier
+
+    from featx.probing.heads import resolve_heads
+    from featx.probing.runner import resolve_backend
+
+    builtin, custom = resolve_heads("logreg,knn,mlp"), resolve_heads({"ridge": RidgeClassifier()})
+    assert resolve_backend("auto", builtin) == "threading"
+    assert resolve_backend("auto", builtin + custom) == "loky"  # its Python may hold the GIL: processes
+    assert resolve_backend("threading", custom) == "threading" and resolve_backend("loky", builtin) == "loky"
 
 
 def test_a_blas_note_is_recorded_every_time_and_shown_once(entry, monkeypatch, caplog):
@@ -197,3 +233,13 @@ def test_cli_default_selection_rows_is_the_protocols():
     from featx.probing import protocol
 
     assert cli_options.SELECTION_ROWS == protocol.SELECTION_ROWS
+
+
+def test_threads_leave_the_blas_pool_as_they_found_it(entry):
+    """Each cell's own limit would put the shared pool back to its size under the other cell: the grid
+    holds it at one thread per cell and gives it back afterwards."""
+    from featx.probing.engines import blas_thread_limit
+
+    before = blas_thread_limit()
+    res = featx.probe(entry, heads="logreg,knn", out_dir=False, progress=False, jobs=2, backend="threading")
+    assert res.protocol["backend"] == "threading" and blas_thread_limit() == before

@@ -120,13 +120,14 @@ def compare(
     cv: int | None = None,
     seed: int = 0,
     jobs: int | None = None,
-    backend: str = "loky",
+    backend: str = "auto",
     scheduler: str | None = None,
     out_dir: str | os.PathLike | None = None,
     plots: bool = True,
     progress: bool = True,
     device: str = "auto",
     selection_rows: int | None = SELECTION_ROWS,
+    head_precision: str = "auto",
     shots: str | Sequence[int | None] | None = None,
     shot_seeds: int = SHOT_SEEDS,
     alpha: float = ALPHA,
@@ -180,7 +181,7 @@ def compare(
                                     seed=seed, jobs=jobs, backend=backend, scheduler=scheduler,
                                     out_dir=folder / "models" / c.slug if folder is not None else False,
                                     cache_dir=extract_options.get("cache_dir"), plots=plots, progress=progress,
-                                    device=device, selection_rows=selection_rows,
+                                    device=device, selection_rows=selection_rows, head_precision=head_precision,
                                     advice_dir=target / "models" / c.slug if target is not None else None)
         results = summarise(rows, entries, probes, alpha=alpha, seed=seed, root=target)
         if shot_levels:

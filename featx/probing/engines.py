@@ -155,7 +155,11 @@ def blas_thread_limit() -> int | None:
 
 @contextlib.contextmanager
 def torch_threads(n_threads: int | None):
-    """torch's intra-op pool sized to the caller's budget for the block, then put back."""
+    """torch's intra-op pool sized to the caller's budget for the block, then put back.
+
+    The setting is the calling thread's (OpenMP's thread count and MKL's local one, which a thread
+    takes from torch's last global setting when it first computes): cells in threads of one process
+    (the probe's threading backend) set and restore their own, without changing each other's."""
     import torch
 
     before = torch.get_num_threads()

@@ -55,7 +55,7 @@ class Selection:
 
 
 def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int, device: str = "cpu",
-           n_rows: int | None = None) -> Selection:
+           n_rows: int | None = None, precision: str = "float32") -> Selection:
     """Best parameters by mean validation accuracy over ``folds`` (rows of ``X``).
 
     Ties go to the earlier grid entry (grids are ordered from the most regularised).
@@ -67,7 +67,7 @@ def select(head: Head, X: np.ndarray, y: np.ndarray, folds, seed: int, device: s
     grid = feasible_grid(head, n_rows, folds, X.shape[1])
     if not grid:
         return Selection({}, [], [], val_rows[:0], np.zeros(0, np.int64))
-    engine = head.engine(device)
+    engine = head.engine(device, precision)
     on_device = engine.arrays == "torch"
     predictions: list[list[np.ndarray]] = [[] for _ in grid]  # per grid entry, one array per fold
     totals = np.zeros(len(grid))
@@ -191,7 +191,8 @@ def _predicts_first_argmax(model) -> bool:
 
 def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
              folds, n_classes: int, seed: int, keep_model: bool = True, blas_threads: int = 1,
-             selection_rows: np.ndarray | None = None, device: str = "cpu") -> CellResult:
+             selection_rows: np.ndarray | None = None, device: str = "cpu",
+             precision: str = "float32") -> CellResult:
     """Select, refit on all training rows, test once. Runs inside a joblib worker.
 
     ``folds`` index ``selection_rows`` (default: the training rows); with the source's own
@@ -200,7 +201,7 @@ def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.nd
     """
     t0 = time.perf_counter()
     selection_rows = train if selection_rows is None else selection_rows
-    engine = head.engine(device)
+    engine = head.engine(device, precision)
     on_device = engine.arrays == "torch"
     torch_budget = torch_threads(blas_threads) if device_type(device) in engine.torch_on else nullcontext()
     with threadpool_limits(limits=blas_threads), torch_budget:
@@ -208,13 +209,13 @@ def run_cell(layer: dict, head: Head, X: np.ndarray, y: np.ndarray, train: np.nd
         row_folds = [(selection_rows[fit], selection_rows[val]) for fit, val in folds]
         # the variant of a size-dependent head (exact or Nystroem SVM) and its grid's keys follow the
         # rows of the refit, which is what selection chooses for (train only, with a source val split)
-        chosen = select(head, X, y, row_folds, seed, device, n_rows=len(train))
+        chosen = select(head, X, y, row_folds, seed, device, n_rows=len(train), precision=precision)
         params, grid_scores, notes = chosen.params, chosen.scores, chosen.notes
         X_train, y_train, X_test = X[train], y[train], X[test]
         if on_device:
             X_train, y_train, X_test = (to_device(a, device) for a in (X_train, y_train, X_test))
         with array_api(on_device):
-            model = head.pipeline(len(train), seed, params, device, X.shape[1])
+            model = head.pipeline(len(train), seed, params, device, X.shape[1], precision)
             scaler, clf = model.named_steps["scaler"], model.named_steps["clf"]
             X_train = _standardise(_fit_scaler(scaler, X_train), X_train)  # the pipeline, fitted step by step
             # numpy only: the array API's warm start on device tensors is not exercised here (no GPU)

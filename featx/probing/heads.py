@@ -57,6 +57,8 @@ class Engine:
     arrays: str = "numpy"
     predict_grid: Callable | None = field(default=None, compare=False)
     torch_on: tuple[str, ...] = ()  # device types where it computes with torch (whose threads then need a budget)
+    reduced_precision: bool = False  # computes in bfloat16 in part: only under precision "auto"
+    available: Callable[[], bool] | None = field(default=None, compare=False)  # e.g. the CPU's bfloat16 support
 
 
 def _sklearn_engine(build: Callable[..., BaseEstimator], predict_grid: Callable | None = None) -> Engine:
@@ -75,14 +77,15 @@ class Head:
     warm_start: bool = False
     description: str = ""
 
-    def engine(self, device: str = "cpu") -> Engine:
+    def engine(self, device: str = "cpu", precision: str = "float32") -> Engine:
         kind = device_type(device)
-        usable = [e for e in self.engines if kind in e.devices and (e.arrays != "torch" or array_api_ready())]
+        usable = [e for e in self.engines if kind in e.devices and (e.arrays != "torch" or array_api_ready())
+                  and (precision == "auto" or not e.reduced_precision) and (e.available is None or e.available())]
         return usable[0] if usable else self.engines[-1]
 
     def pipeline(self, n_train: int, seed: int, params: dict | None = None, device: str = "cpu",
-                 n_features: int | None = None) -> Pipeline:
-        clf = self.engine(device).build(n_train, seed, device, n_features)
+                 n_features: int | None = None, precision: str = "float32") -> Pipeline:
+        clf = self.engine(device, precision).build(n_train, seed, device, n_features)
         if params:
             clf.set_params(**params)
         return Pipeline([("scaler", StandardScaler()), ("clf", clf)])
@@ -181,11 +184,25 @@ def _array_api_logreg(n, seed, device, n_features=None):
     return LogisticRegression(max_iter=1000, tol=1e-4)
 
 
-def _torch_mlp(n, seed, device, n_features=None):
+def _torch_mlp(n, seed, device, n_features=None, precision="float32"):
     from .mlp import TorchMLPClassifier
 
     return TorchMLPClassifier(hidden_layer_sizes=(512,), early_stopping=True, n_iter_no_change=5, max_iter=200,
-                              batch_size=mlp_batch_size(n), random_state=seed, device=device)
+                              batch_size=mlp_batch_size(n), random_state=seed, device=device, precision=precision)
+
+
+def _bfloat16_mlp(n, seed, device, n_features=None):
+    return _torch_mlp(n, seed, device, n_features, precision="bfloat16")
+
+
+def _bfloat16_mlp_pays() -> bool:
+    """The CPU multiplies bfloat16 natively (elsewhere bfloat16 products are emulated, slower than
+    float32) and torch is installed."""
+    import importlib.util
+
+    from .._blas import native_bfloat16
+
+    return native_bfloat16() and importlib.util.find_spec("torch") is not None
 
 
 HEADS: dict[str, Head] = {
@@ -198,7 +215,10 @@ HEADS: dict[str, Head] = {
     "svm": Head("svm", (_sklearn_engine(_svm, predict_grid=_exact_svm_predict_grid),), [],
                 description=f"RBF SVM (libsvm); above {SVM_EXACT_MAX_ROWS} training rows, or fewer but wide, an "
                 f"RBF Nystroem map ({NYSTROEM_COMPONENTS} components) + linear SVM"),
-    "mlp": Head("mlp", (Engine("torch", _torch_mlp, ("cuda",), torch_on=("cuda",)), _sklearn_engine(_mlp)),
+    "mlp": Head("mlp", (Engine("torch", _torch_mlp, ("cuda",), torch_on=("cuda",)),
+                        Engine("torch-bfloat16", _bfloat16_mlp, ("cpu",), torch_on=("cpu",), reduced_precision=True,
+                               available=_bfloat16_mlp_pays),
+                        _sklearn_engine(_mlp)),
                 [{"alpha": a} for a in (1e-4, 1e-2)],
                 description="one hidden layer of 512, early stopping, L2 alpha on a grid"),
     "knn": Head("knn", (Engine("featx", _exact_knn, predict_grid=_exact_knn_predict_grid, torch_on=("cuda",)),),

@@ -51,7 +51,7 @@ from sklearn.preprocessing import normalize
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
-from .._blas import cpu_flags
+from .._blas import native_bfloat16 as _native_bfloat16
 from .engines import resolve_torch_device
 
 #: float32 similarities held per block of query rows when ``block_rows`` is None: OpenBLAS reads all training
@@ -344,16 +344,6 @@ def _screen_size(m: int) -> int:
     of the queries on Fashion-MNIST features of 448 and 1,280 dimensions (1.5 m: 67% and 97%; 3 m: all,
     but slower overall)."""
     return 2 * m
-
-
-def _native_bfloat16() -> bool:
-    """CPU flags from Linux's /proc/cpuinfo (no torch import to ask), else torch's view if it is loaded."""
-    flags = cpu_flags()
-    if flags:
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    cpu = getattr(sys.modules.get("torch"), "cpu", None)
-    check = getattr(cpu, "_is_avx512_bf16_supported", None)
-    return bool(check and check())
 
 
 def _screened_top(fit32, query32, m: int, slack: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

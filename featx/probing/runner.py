@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .. import __version__
 from .._blas import blas_in_use
@@ -29,7 +31,7 @@ from ..evaluation import val_score
 from ..layer import Ladder
 from .engines import portable, resolve_device
 from .fit import CellResult, run_cell
-from .heads import resolve_heads
+from .heads import HEADS, resolve_heads
 from .linear_head import LinearHead
 from .protocol import (
     SELECTION_ROWS,
@@ -50,7 +52,10 @@ log = logging.getLogger(__name__)
 #: results.json's schema (README, probe): 2 = metrics from featx.evaluation, the keys finetune.json shares
 RESULTS_VERSION = 2
 
-BACKENDS = ("loky", "threading", "dask")
+BACKENDS = ("auto", "loky", "threading", "dask")
+#: the heads' precision: "auto" lets a head compute in part in bfloat16 where the device multiplies it
+#: natively (the MLP's training on CPUs with AVX512-BF16 or AMX); "float32" keeps every head in full precision
+PRECISIONS = ("auto", "float32")
 _WARNED: set[str] = set()  # notes about this process's settings already shown
 
 
@@ -104,6 +109,15 @@ class ProbeResults:
         }
 
 
+def resolve_backend(backend: str, heads) -> str:
+    """``auto``: threads when every head is built in (their fits spend their time in BLAS, libsvm,
+    liblinear or torch, which release the GIL), loky processes when a custom estimator's Python may
+    hold it."""
+    if backend != "auto":
+        return backend
+    return "threading" if all(h is HEADS.get(h.name) for h in heads) else "loky"
+
+
 def _pick_layers(entry: FeatureEntry, layers) -> list:
     """Cached layers chosen by the same grammar as extraction; indices count cached layers."""
     if layers is None:
@@ -139,7 +153,7 @@ def probe(
     cv: int | None = None,
     seed: int = 0,
     jobs: int | None = None,
-    backend: str = "loky",
+    backend: str = "auto",
     scheduler: str | None = None,
     out_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -149,6 +163,7 @@ def probe(
     device: str = "auto",
     selection_rows: int | None = SELECTION_ROWS,
     advice_dir: str | os.PathLike | None = None,
+    head_precision: str = "auto",
 ) -> ProbeResults:
     """Probe the layers of a cache entry with scikit-learn heads (see design §4).
 
@@ -163,10 +178,17 @@ def probe(
     rows per fold (a stratified sample; 0 or None = all), then refit on every training row.
     ``advice_dir``: the folder the advice's commands name (default ``out_dir``), for results
     that are moved into place afterwards (``featx compare`` writes its models' results so).
+    ``head_precision``: ``auto`` trains the MLP head with bfloat16 products on CPUs that multiply
+    bfloat16 natively (2-2.6x faster epochs, the same accuracy); ``float32`` keeps scikit-learn's.
+    ``backend``: ``auto`` runs the built-in heads in threads of this process (their work releases
+    the GIL; one copy of the process, torch loaded once) and custom heads in loky processes.
     """
     t_start = time.perf_counter()
     if backend not in BACKENDS:
         raise UsageError(f"Unknown backend {backend!r}. Valid: {', '.join(BACKENDS)}.")
+    if head_precision not in PRECISIONS:
+        raise UsageError(f"Unknown head precision {head_precision!r}. Valid: {', '.join(PRECISIONS)}.")
+    precision = head_precision
     if jobs is not None and (not isinstance(jobs, int) or jobs == 0 or jobs < -1):
         raise UsageError(f"--jobs must be a positive integer or -1 (all cores), got {jobs!r}.")
     if selection_rows is not None and (not isinstance(selection_rows, (int, np.integer))
@@ -180,6 +202,7 @@ def probe(
     head_list = resolve_heads(heads)
     records = _pick_layers(entry, layers)
     device = resolve_device(device)
+    backend = resolve_backend(backend, head_list)
 
     s = entry.samples()
     ok = s["ok"]
@@ -206,7 +229,7 @@ def probe(
         log.info("layer %s (%s) exceeds the memory budget: streaming it through SGD", r.name, _mb(len(y) * r.width * 4))
         cells += stream_cell(entry, r, head_list, ok, y, splits, all_folds, n_classes, seed)
     cells += _run_grid(entry, in_memory, head_list, y, splits, folds, n_classes, seed, jobs, backend, scheduler,
-                       progress, device)
+                       progress, device, precision)
     cells.sort(key=lambda c: (c.row["order"], order.get(c.row["head"], 99)))
 
     rows = [c.row for c in cells]
@@ -218,7 +241,8 @@ def probe(
         "splits": splits.describe(), "roles": splits.roles(split_names, folds),
         "bootstrap": "95% percentile interval, 1000 resamples",
         "selection_rows": _selection_rows(all_folds, folds, selection_rows),
-        "device": device, "engines": {h.name: h.engine(device).name for h in head_list},
+        "device": device, "precision": precision,
+        "engines": {h.name: h.engine(device, precision).name for h in head_list},
         "heads": {h.name: h.description for h in head_list}, "jobs": jobs, "backend": backend, "blas": blas,
         "ranking": "validation accuracy (the test split never influences selection)",
     }
@@ -243,7 +267,7 @@ def probe(
             head = next(h for h in head_list if h.name == best_cell.row["head"])
             X = entry.load(best_cell.row["layer"]).X
             best_cell.model = portable(head.pipeline(len(splits.train), seed, best_cell.row["params"], device,
-                                                     X.shape[1]).fit(
+                                                     X.shape[1], precision).fit(
                 X[splits.train], y[splits.train]))
 
         linear = _linear_head(cells, best_cell, entry, ids[splits.test])
@@ -275,7 +299,7 @@ def _mb(n: float) -> str:
 
 
 def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, jobs, backend, scheduler,
-              progress, device: str = "cpu") -> list[CellResult]:
+              progress, device: str = "cpu", precision: str = "float32") -> list[CellResult]:
     if not records:
         return []
     from joblib import Parallel, delayed, parallel_config
@@ -290,7 +314,8 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
         meta = {"layer": r.name, "index": r.index, "depth": r.depth, "order": r.order, "width": r.width,
                 "pool": r.pool}
         return delayed(run_cell)(meta, head, X, y, splits.train, splits.test, folds, n_classes, seed,
-                                 keep_model=head.name != "knn", selection_rows=splits.selection_rows, device=device)
+                                 keep_model=head.name != "knn", selection_rows=splits.selection_rows, device=device,
+                                 precision=precision)
 
     def tasks():
         waiting = []
@@ -317,7 +342,10 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
         if backend == "dask":
             client = _dask_client(scheduler, jobs)
             config = {"backend": "dask", "n_jobs": -1}
-        with parallel_config(**config):
+        # threads share this process's BLAS pool: one thread each for the whole grid (each cell's own limit
+        # would put the pool back to its size when it ends, under the other cells)
+        shared_pool = threadpool_limits(limits=1, user_api="blas") if backend == "threading" else nullcontext()
+        with parallel_config(**config), shared_pool:
             out = []
             for cell in Parallel(return_as="generator", pre_dispatch="2*n_jobs")(tasks()):
                 out.append(cell)
