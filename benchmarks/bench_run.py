@@ -169,7 +169,7 @@ def case_head_precision(entry_path: str) -> dict:
     others = [abs(auto["table"][c] - full["table"][c]) for c in auto["table"] if not c.endswith("/mlp")]
     return {"entry": entry_path, "runs": runs,
             "seconds": {name: r["probe_seconds"] for name, r in runs.items()},
-            "seconds_over_auto": {name: round(r["probe_seconds"] / auto["probe_seconds"], 2)
+            "speedup_over_auto": {name: round(r["probe_seconds"] / auto["probe_seconds"], 2)
                                   for name, r in runs.items()},
             "mlp_seconds": {name: _head_seconds(r, "mlp") for name, r in runs.items()},
             "mlp_test_top1_auto_minus_float32": mlp,

@@ -243,3 +243,27 @@ def test_threads_leave_the_blas_pool_as_they_found_it(entry):
     before = blas_thread_limit()
     res = featx.probe(entry, heads="logreg,knn", out_dir=False, progress=False, jobs=2, backend="threading")
     assert res.protocol["backend"] == "threading" and blas_thread_limit() == before
+
+
+def test_threads_computing_with_torch_start_from_one_torch_thread(entry, monkeypatch):
+    """A thread that first computes during a threading grid takes torch's process-wide count: the grid holds
+    it at one (at the core count, the bfloat16 MLP's cells oversubscribed the cores), then puts it back."""
+    import threading
+
+    from featx import _blas
+    from featx.probing import runner
+
+    monkeypatch.setattr(_blas, "native_bfloat16", lambda: True)
+    seen, real = [], runner.run_cell
+
+    def cell(*args, **kwargs):
+        probe_thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        probe_thread.start()
+        probe_thread.join()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_cell", cell)
+    before = torch.get_num_threads()
+    res = featx.probe(entry, heads="mlp,logreg", out_dir=False, progress=False, jobs=2, backend="threading")
+    assert res.protocol["engines"]["mlp"] == "torch-bfloat16"
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before

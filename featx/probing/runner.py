@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,7 @@ from ..cache.store import CacheStore
 from ..errors import UnknownLayerError, UsageError
 from ..evaluation import val_score
 from ..layer import Ladder
-from .engines import portable, resolve_device
+from .engines import device_type, portable, resolve_device, torch_threads
 from .fit import CellResult, run_cell
 from .heads import HEADS, resolve_heads
 from .linear_head import LinearHead
@@ -345,7 +346,7 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
         # threads share this process's BLAS pool: one thread each for the whole grid (each cell's own limit
         # would put the pool back to its size when it ends, under the other cells)
         shared_pool = threadpool_limits(limits=1, user_api="blas") if backend == "threading" else nullcontext()
-        with parallel_config(**config), shared_pool:
+        with parallel_config(**config), shared_pool, _torch_budget(backend, heads, device, precision):
             out = []
             for cell in Parallel(return_as="generator", pre_dispatch="2*n_jobs")(tasks()):
                 out.append(cell)
@@ -364,6 +365,17 @@ def _run_grid(entry, records, heads, y, splits: Splits, folds, n_classes, seed, 
         if client is not None:
             client.close()
         shared.close()
+
+
+def _torch_budget(backend: str, heads, device: str, precision: str):
+    """One torch thread per cell for a threading grid whose cells compute with torch. Each cell sets its
+    own thread's count, but not all of torch's work follows it: with the process-wide count left at the
+    core count, the bfloat16 MLP's training kept a second OpenMP thread busy per cell on two cores, and
+    the MLP cells took up to 3x longer (a thread that first computes during the grid starts from it)."""
+    uses_torch = any(device_type(device) in h.engine(device, precision).torch_on for h in heads)
+    if backend != "threading" or not (uses_torch or "torch" in sys.modules):
+        return nullcontext()
+    return torch_threads(1)
 
 
 def _dask_client(scheduler: str | None, jobs: int):
