@@ -144,8 +144,10 @@ def run(dataset: str = "fashion-mnist", model: str = DEFAULT_MODEL, *, heads=Non
     from ._resultdir import PROBE, check_target
     from .probing import probe
     from .probing.heads import resolve_heads
+    from .probing.runner import check_options
 
     resolve_heads(heads)  # a mistyped head is refused before the extraction, not after it
+    check_options(backend=backend, head_precision=head_precision)
     if out_dir:
         check_target(out_dir, PROBE)
     dataset = check_probe_data(dataset, limit=extract_options.get("limit"), seed=seed, cv=cv,

@@ -307,9 +307,11 @@ def probe(
     from ._resultdir import PROBE, check_target
     from .api import probe as run_probe
     from .probing.heads import resolve_heads
+    from .probing.runner import check_options
 
     probing, extracting = _split(options, PROBE_OPTIONS)
     resolve_heads(probing["heads"])  # refused before extracting, not after it
+    check_options(backend=probing["backend"], head_precision=probing["head_precision"])
     if probing["out_dir"] is not None:
         check_target(probing["out_dir"], PROBE)  # before extracting: a folder featx may not replace is refused
     seed, device, progress = extracting["seed"], extracting["device"], extracting["progress"]

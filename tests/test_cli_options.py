@@ -8,6 +8,7 @@ import typer
 from typer.testing import CliRunner
 
 from featx.cli import app
+from featx.errors import UsageError
 
 from .conftest import make_folder
 
@@ -132,3 +133,18 @@ def test_run_takes_arch_for_a_checkpoint_file(tmp_path):
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert results["entry"]["config"]["model"]["weights"] == {"digest": f"sha256:{digest}", "kind": "checkpoint"}
     assert [r["layer"] for r in results["rows"]] == ["pre_logits"]
+
+
+@pytest.mark.parametrize("command", ["run", "probe", "compare"])
+@pytest.mark.parametrize("option, value, message", [
+    ("--head-precision", "bf16", "Unknown head precision 'bf16'. Valid: auto, float32"),
+    ("--backend", "threads", "Unknown backend 'threads'. Valid: auto, loky, threading, dask"),
+])
+def test_bad_probe_options_are_refused_before_any_extraction(tmp_path, command, option, value, message):
+    args = [command, "digits", option, value, "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    if command == "compare":
+        args[2:2] = ["--model", "efficientnet_lite0"]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, UsageError) and result.exception.exit_code == 2  # featx's main prints it
+    assert message in str(result.exception)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.h5"))  # nothing extracted

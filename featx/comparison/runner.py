@@ -150,10 +150,12 @@ def compare(
     from ..extraction import extract
     from ..probing import probe
     from ..probing.heads import resolve_heads
+    from ..probing.runner import check_options
     from ..probing.shots import parse_shots
 
     t_start = time.perf_counter()
     resolve_heads(heads)  # a mistyped head is refused before any extraction
+    check_options(backend=backend, head_precision=head_precision)
     if not 0 < alpha < 1:
         raise UsageError(f"alpha must be between 0 and 1, got {alpha!r}.")
     shot_levels = parse_shots(shots) if isinstance(shots, str) else tuple(shots) if shots else ()

@@ -110,6 +110,14 @@ class ProbeResults:
         }
 
 
+def check_options(backend: str = "auto", head_precision: str = "auto") -> None:
+    """Refuse a bad ``backend`` or ``head_precision`` (before any extraction, when a command extracts first)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"Unknown backend {backend!r}. Valid: {', '.join(BACKENDS)}.")
+    if head_precision not in PRECISIONS:
+        raise UsageError(f"Unknown head precision {head_precision!r}. Valid: {', '.join(PRECISIONS)}.")
+
+
 def resolve_backend(backend: str, heads) -> str:
     """``auto``: threads when every head is built in (their fits spend their time in BLAS, libsvm,
     liblinear or torch, which release the GIL), loky processes when a custom estimator's Python may
@@ -185,10 +193,7 @@ def probe(
     the GIL; one copy of the process, torch loaded once) and custom heads in loky processes.
     """
     t_start = time.perf_counter()
-    if backend not in BACKENDS:
-        raise UsageError(f"Unknown backend {backend!r}. Valid: {', '.join(BACKENDS)}.")
-    if head_precision not in PRECISIONS:
-        raise UsageError(f"Unknown head precision {head_precision!r}. Valid: {', '.join(PRECISIONS)}.")
+    check_options(backend=backend, head_precision=head_precision)
     precision = head_precision
     if jobs is not None and (not isinstance(jobs, int) or jobs == 0 or jobs < -1):
         raise UsageError(f"--jobs must be a positive integer or -1 (all cores), got {jobs!r}.")
