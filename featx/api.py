@@ -113,9 +113,9 @@ def check_probe_data(dataset, *, limit: int | None = None, seed: int = 0, cv: in
 
 def _extract_for_probe(dataset, model, **options):
     """``extract`` in a child process when this one has not loaded torch (``featx run`` from the
-    command line), so that the probe's parent never holds torch and a forward pass's heap (about
-    1 GB less on the main job); in this process otherwise (nothing to gain), under torchrun, or
-    when an argument does not pickle (a Python object as dataset or model)."""
+    command line), so that the probe's process never holds a forward pass's heap (about 1 GB on
+    the main job), nor torch unless a head computes with it; in this process otherwise (nothing to
+    gain), under torchrun, or when an argument does not pickle (a Python object as dataset or model)."""
     from ._isolated import call_in_child, picklable
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -123,7 +123,7 @@ def _extract_for_probe(dataset, model, **options):
         from .extraction import extract  # imports torch
 
         return extract(dataset, model, **options)
-    log.debug("extracting in a child process (the probe's parent stays torch-free)")
+    log.debug("extracting in a child process (the probe's process keeps no forward pass's heap)")
     return call_in_child(_extract_entry_path, dataset, model, **options)
 
 

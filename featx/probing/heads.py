@@ -7,7 +7,9 @@ reusing the previous solution; k-NN scores every k from one neighbour search.
 
 A head may have several engines (``featx.probing.engines``): on a GPU, logistic regression is
 scikit-learn's own on torch tensors (array API) and the MLP trains in torch; on the CPU numpy
-is as fast for those, so scikit-learn's are kept. k-NN searches with its own engine everywhere
+is as fast for those in float32, so scikit-learn's are kept, except that under head precision
+``auto`` the MLP trains with torch's bfloat16 products on CPUs that multiply bfloat16 natively.
+k-NN searches with its own engine everywhere
 (``featx.probing.knn``): a blocked float32 product with top-k (after a bfloat16 screen on CPUs
 with bfloat16 dot products), 2.4-7x faster than scikit-learn's on a CPU, with its exact answers.
 """

@@ -65,13 +65,14 @@ GROUP_ROWS = 16
 _UNIT_CHUNK_BYTES = 4 * 2**20
 #: float64 distances held per block of the queries that scikit-learn's own rule has to settle
 _FULL_ROWS_BYTES = 64 * 2**20
-#: bfloat16 similarities held per block of query rows by the CPU screen, in one reused buffer (the screen took 19%
-#: less time with 128 MB blocks than with 64 MB ones, and 4% less again with 256 MB)
-SCREEN_BLOCK_BYTES = 128 * 2**20
+#: bfloat16 similarities held per block of query rows by the CPU screen, in one reused buffer. The screen alone took
+#: 19% less time with 128 MB blocks than with 64 MB ones, but whole k-NN cells on the main job's two 1,280-wide
+#: layers took 16.5 s against 16.2 s, and the probe's threads, running those two cells at once, peaked 220 MB lower
+SCREEN_BLOCK_BYTES = 64 * 2**20
 #: multiply-adds (queries x training rows x features) from which a bfloat16 screen repays its own set-up (a bfloat16
 #: copy of the training rows, their rounding errors); and from which it repays importing torch into a process
-#: without it (1.5 s and about 500 MB of memory: the main job's probe workers, whose largest search is 7.7e11, stay
-#: torch-free and within its memory budget)
+#: without it (1.5 s and about 470 MB of memory: a probe without the bfloat16 MLP, whose largest search on the main
+#: job is 7.7e11, stays torch-free)
 SCREEN_MIN_WORK = 1e9
 SCREEN_IMPORT_WORK = 1e12
 #: queries whose kept rows get their float32 similarities at a time (16 x 2m rows gathered: in cache)
