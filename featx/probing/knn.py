@@ -67,7 +67,8 @@ _UNIT_CHUNK_BYTES = 4 * 2**20
 _FULL_ROWS_BYTES = 64 * 2**20
 #: bfloat16 similarities held per block of query rows by the CPU screen, in one reused buffer. The screen alone took
 #: 19% less time with 128 MB blocks than with 64 MB ones, but whole k-NN cells on the main job's two 1,280-wide
-#: layers took 16.5 s against 16.2 s, and the probe's threads, running those two cells at once, peaked 220 MB lower
+#: layers took 16.5 s against 16.2 s, and the probe's threads, running those two cells at once, peaked 80-220 MB
+#: lower (by hand, two tries: 3.32 and 3.18 GB against 3.40 GB)
 SCREEN_BLOCK_BYTES = 64 * 2**20
 #: multiply-adds (queries x training rows x features) from which a bfloat16 screen repays its own set-up (a bfloat16
 #: copy of the training rows, their rounding errors); and from which it repays importing torch into a process

@@ -194,7 +194,6 @@ def probe(
     """
     t_start = time.perf_counter()
     check_options(backend=backend, head_precision=head_precision)
-    precision = head_precision
     if jobs is not None and (not isinstance(jobs, int) or jobs == 0 or jobs < -1):
         raise UsageError(f"--jobs must be a positive integer or -1 (all cores), got {jobs!r}.")
     if selection_rows is not None and (not isinstance(selection_rows, (int, np.integer))
@@ -235,7 +234,7 @@ def probe(
         log.info("layer %s (%s) exceeds the memory budget: streaming it through SGD", r.name, _mb(len(y) * r.width * 4))
         cells += stream_cell(entry, r, head_list, ok, y, splits, all_folds, n_classes, seed)
     cells += _run_grid(entry, in_memory, head_list, y, splits, folds, n_classes, seed, jobs, backend, scheduler,
-                       progress, device, precision)
+                       progress, device, head_precision)
     cells.sort(key=lambda c: (c.row["order"], order.get(c.row["head"], 99)))
 
     rows = [c.row for c in cells]
@@ -247,8 +246,8 @@ def probe(
         "splits": splits.describe(), "roles": splits.roles(split_names, folds),
         "bootstrap": "95% percentile interval, 1000 resamples",
         "selection_rows": _selection_rows(all_folds, folds, selection_rows),
-        "device": device, "precision": precision,
-        "engines": {h.name: h.engine(device, precision).name for h in head_list},
+        "device": device, "precision": head_precision,
+        "engines": {h.name: h.engine(device, head_precision).name for h in head_list},
         "heads": {h.name: h.description for h in head_list}, "jobs": jobs, "backend": backend, "blas": blas,
         "ranking": "validation accuracy (the test split never influences selection)",
     }
@@ -273,7 +272,7 @@ def probe(
             head = next(h for h in head_list if h.name == best_cell.row["head"])
             X = entry.load(best_cell.row["layer"]).X
             best_cell.model = portable(head.pipeline(len(splits.train), seed, best_cell.row["params"], device,
-                                                     X.shape[1], precision).fit(
+                                                     X.shape[1], head_precision).fit(
                 X[splits.train], y[splits.train]))
 
         linear = _linear_head(cells, best_cell, entry, ids[splits.test])
